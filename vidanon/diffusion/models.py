@@ -264,10 +264,12 @@ def celebahq_shaped(seed: int = 0) -> FaceModel:
 
 
 def _shrink_output(unet: UNet2DModel) -> None:
-    # Random UNets predict eps of unit scale and make DDIM explode; a small output
-    # layer keeps the tiny test models in a numerically sane regime like trained ones.
+    # A random UNet predicts eps that has nothing to do with its input, and DDIM inversion
+    # amplifies that by up to 1/sqrt(alpha_bar_T) (~150x); a near-zero output layer makes the
+    # tiny test models near-linear, so tests exercise the mechanics (masking, flips,
+    # fixed-point inversion) in a well-conditioned regime. Quality is measured on trained models.
     with torch.no_grad():
-        unet.conv_out.weight.mul_(0.05)
+        unet.conv_out.weight.mul_(1e-3)
         unet.conv_out.bias.zero_()
 
 
