@@ -176,7 +176,9 @@ def _open_input(path: Path) -> av.container.InputContainer:
 def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
     if not container.streams.video:
         container.close()
-        raise _read_error(path, "no video stream")
+        # FFmpeg's mp4 demuxer drops tracks without samples, so an mp4 whose video track is
+        # empty lands here too.
+        raise _read_error(path, "no video stream (or the video track has no frames)")
     return container.streams.video[0]
 
 
@@ -289,23 +291,13 @@ def _is_vfr(deltas: list[int]) -> bool:
 # reading
 
 
-def _index_pts(stream: av.VideoStream) -> list[int] | None:
-    """Presentation timestamps of all frames from the sample index, or None if it is partial.
-
-    Only mp4/mov-style indexes list every frame; Matroska cues list keyframes only.
-    """
-    pts = [e.timestamp for e in stream.index_entries if not e.is_discard]
-    if not pts or len(pts) != stream.frames:
-        return None
-    return sorted(pts)
-
-
 def read_frames(path: str | os.PathLike[str], start: int = 0) -> Iterator[Frame]:
-    """Decode frames one at a time (constant memory), starting at frame index ``start``.
+    """Decode frames one at a time (constant memory), yielding those from index ``start`` on.
 
-    With a full sample index (mp4/mov), ``start`` seeks to the keyframe before it instead of
-    decoding from the beginning. Failures are MediaErrors naming the frame reached, because a
-    corrupt tail must not pass for a short video.
+    Frames before ``start`` are decoded but not converted. It does not seek: mp4 indexes hold
+    decode timestamps, and with B-frames or open GOPs a seek cannot be tied to an exact frame
+    number. Failures are MediaErrors naming the frame reached, so a corrupt tail cannot pass
+    for a short video.
     """
     if start < 0:
         raise ValueError("start must be >= 0")
@@ -317,11 +309,13 @@ def read_frames(path: str | os.PathLike[str], start: int = 0) -> Iterator[Frame]
         if truncated:
             raise _read_error(path, truncated)
         stream.thread_type = "AUTO"
-        index_pts = _index_pts(stream) if start > 0 else None
-        if index_pts is not None and start < len(index_pts):
-            yield from _read_seeking(container, stream, path, start, index_pts[start])
-        else:
-            yield from _read_linear(container, stream, path, start)
+        time_base = Fraction(stream.time_base or 1)
+        reached = [0]
+        for av_frame in _decoded(container, stream, path, reached):
+            index = reached[0]
+            reached[0] += 1
+            if index >= start:
+                yield _to_frame(av_frame, index, time_base)
 
 
 def _to_frame(frame: av.VideoFrame, index: int, time_base: Fraction) -> Frame:
@@ -347,54 +341,6 @@ def _decoded(
         ) from exc
     if reached[0] == 0:
         raise _read_error(path, "file is truncated or corrupt (no decodable video frames)")
-
-
-def _read_linear(
-    container: av.container.InputContainer, stream: av.VideoStream, path: Path, start: int
-) -> Iterator[Frame]:
-    time_base = Fraction(stream.time_base or 1)
-    reached = [0]
-    for av_frame in _decoded(container, stream, path, reached):
-        index = reached[0]
-        reached[0] += 1
-        if index >= start:
-            yield _to_frame(av_frame, index, time_base)
-
-
-def _read_seeking(
-    container: av.container.InputContainer,
-    stream: av.VideoStream,
-    path: Path,
-    start: int,
-    target_pts: int,
-) -> Iterator[Frame]:
-    """Seek to the keyframe before ``target_pts`` and number frames from ``start`` there.
-
-    If the landing point cannot be matched to the target frame, numbering could be off by a
-    few frames, so it starts over and counts from the beginning instead.
-    """
-    time_base = Fraction(stream.time_base or 1)
-    reached = [start]
-    synced = False
-    try:
-        container.seek(target_pts, stream=stream, backward=True, any_frame=False)
-        for av_frame in _decoded(container, stream, path, reached):
-            if not synced:
-                if av_frame.pts is None or av_frame.pts > target_pts:
-                    break
-                if av_frame.pts < target_pts:
-                    continue
-                synced = True
-            index = reached[0]
-            reached[0] += 1
-            yield _to_frame(av_frame, index, time_base)
-    except av.FFmpegError:
-        if synced:
-            raise
-    if not synced:
-        container.seek(0, stream=stream, backward=True)
-        stream.codec_context.flush_buffers()
-        yield from _read_linear(container, stream, path, start)
 
 
 # --------------------------------------------------------------------------------------------

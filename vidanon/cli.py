@@ -1,0 +1,245 @@
+"""Command line: ``vidanon run | recover | keys export | inspect | doctor | train-prior``.
+
+Every user-caused problem surfaces as a ``VidanonError`` and is printed here as one line with
+a non-zero exit; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vidanon.errors import VidanonError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Secure, reversible face anonymization in video.")
+keys_app = typer.Typer(no_args_is_help=True, help="Manage keyrings and track keys.")
+app.add_typer(keys_app, name="keys")
+
+
+def default_keyring() -> Path:
+    """Per-user data dir, never next to outputs: output folders get published."""
+    env = os.environ.get("VIDANON_KEYRING")
+    if env:
+        return Path(env)
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("vidanon")) / "keyring.json"
+
+
+def _passphrase(flag: bool) -> str | None:
+    env = os.environ.get("VIDANON_PASSPHRASE")
+    if env:
+        return env
+    if flag:
+        return typer.prompt("keyring passphrase", hide_input=True)
+    return None
+
+
+def _fail(exc: BaseException) -> None:
+    typer.echo(f"vidanon: error: {exc}", err=True)
+    raise typer.Exit(2)
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Model = Annotated[Optional[str], typer.Option(help="Model folder or hub id (default: bundled prior).")]  # noqa: UP045,E501
+Passflag = Annotated[bool, typer.Option("--passphrase", help="Ask for a keyring passphrase.")]
+
+
+@app.command()
+def run(
+    input: Annotated[Path, typer.Argument(help="A video file or a folder of videos.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output")] = None,  # noqa: UP045
+    keyring: Annotated[Optional[Path], typer.Option(help="Keyring file.")] = None,  # noqa: UP045
+    config: Annotated[Optional[str], typer.Option(help="Preset name or YAML.")] = None,  # noqa: UP045
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="section.key=value")] = None,  # noqa: UP045
+    model: Model = None,
+    device: Device = "auto",
+    passphrase: Passflag = False,
+    quiet: Quiet = False,
+) -> None:
+    """Anonymize every face; write OUTPUT, its sidecar, and the keys to the keyring."""
+    from vidanon.batch import run_folder
+    from vidanon.config import load_settings
+    from vidanon.pipeline import run as run_one
+
+    try:
+        if not input.exists():
+            raise VidanonError(f"input {input} does not exist")
+        settings = load_settings(config, set_)
+        ring = keyring or default_keyring()
+        pw = _passphrase(passphrase)
+
+        def one(inp: Path, out: Path | None):
+            if out is not None and out.resolve() == inp.resolve():
+                raise VidanonError("output would overwrite the input")
+            return run_one(inp, out, ring, settings, model, device, quiet, pw)
+
+        if input.is_dir():
+            summary = run_folder(input, output, one, quiet)
+            typer.echo(summary.line())
+            typer.echo(f"keys added to keyring: {ring}")
+            if summary.failed:
+                raise typer.Exit(1)
+            return
+        res = one(input, output)
+        typer.echo(f"wrote {res.output} ({res.tracks} tracks, {res.faces} faces, "
+                   f"{res.blurred} blurred as too small)")
+        typer.echo(f"sidecar: {res.sidecar}")
+        typer.echo(f"keys added to keyring: {res.keyring} (job {res.job_id})")
+    except VidanonError as exc:
+        _fail(exc)
+
+
+@app.command()
+def recover(
+    video: Annotated[Path, typer.Argument(help="An anonymized video (its sidecar beside it).")],
+    track: Annotated[str, typer.Option(help="Track id(s) to restore, e.g. 1 or 1,3.")],
+    keyring: Annotated[Optional[Path], typer.Option()] = None,  # noqa: UP045
+    key_file: Annotated[Optional[Path], typer.Option(help="An exported track key.")] = None,  # noqa: UP045
+    output: Annotated[Optional[Path], typer.Option("-o", "--output")] = None,  # noqa: UP045
+    model: Model = None,
+    device: Device = "auto",
+    passphrase: Passflag = False,
+    quiet: Quiet = False,
+) -> None:
+    """Restore the chosen tracks' faces; all other faces stay anonymized."""
+    from vidanon.pipeline import recover as recover_video
+
+    try:
+        if not video.exists():
+            raise VidanonError(f"video {video} does not exist")
+        if keyring is None and key_file is None:
+            raise VidanonError("give --keyring KEYRING or --key-file TRACKKEY")
+        try:
+            ids = [int(t) for t in track.split(",") if t.strip()]
+        except ValueError:
+            raise VidanonError(f"--track must be ids like 1 or 1,3, not {track!r}") from None
+        out = recover_video(video, ids, output, keyring, key_file, model, device, quiet,
+                            _passphrase(passphrase))
+        typer.echo(f"wrote {out} (tracks {', '.join(map(str, ids))} restored)")
+    except VidanonError as exc:
+        _fail(exc)
+
+
+@keys_app.command("export")
+def keys_export(
+    keyring: Annotated[Path, typer.Argument()],
+    track: Annotated[int, typer.Option()],
+    output: Annotated[Path, typer.Option("-o", "--output")],
+    job: Annotated[Optional[str], typer.Option(help="Job id (default: the only/newest job).")] = None,  # noqa: UP045,E501
+    sidecar_file: Annotated[Optional[Path], typer.Option("--sidecar", help="Take the job id from this sidecar.")] = None,  # noqa: UP045,E501
+    passphrase: Passflag = False,
+) -> None:
+    """Write one track's key to a file for an authorised party (mode 0600)."""
+    from vidanon import sidecar
+    from vidanon.keys import Keyring, export_track_key
+
+    try:
+        pw = _passphrase(passphrase)
+        ring = Keyring.open(keyring, passphrase=pw)
+        if sidecar_file is not None:
+            job = sidecar.read(sidecar_file)["job_id"]
+        if job is None:
+            if not ring.jobs:
+                raise VidanonError("keyring holds no jobs")
+            job = max(ring.jobs, key=lambda j: ring.jobs[j].get("created", ""))
+        key = export_track_key(ring, job, track, output, pw)
+        typer.echo(f"wrote key for job {job} track {track} (key id {key.id}) to {output}")
+    except VidanonError as exc:
+        _fail(exc)
+
+
+@app.command()
+def inspect(sidecar_file: Annotated[Path, typer.Argument(metavar="SIDECAR")]) -> None:
+    """Summarise a sidecar: input, model, settings, tracks. Never shows keys (it has none)."""
+    from vidanon import sidecar
+
+    try:
+        doc = sidecar.read(sidecar_file)
+    except VidanonError as exc:
+        _fail(exc)
+    inp = doc["input"]
+    typer.echo(f"job {doc['job_id']}  created {doc.get('created')}  vidanon {doc.get('vidanon')}")
+    typer.echo(f"input  {inp.get('name')}  {inp.get('width')}x{inp.get('height')}  "
+               f"{inp.get('frames')} frames  sha256 {inp.get('sha256', '')[:16]}...")
+    typer.echo(f"output {doc['output']['name']}  sha256 {doc['output']['sha256'][:16]}...")
+    typer.echo(f"model  {doc['model']['name']} ({doc['model']['kind']}, "
+               f"{doc['model']['crop_size']} px)")
+    d = doc["settings"]["diffusion"]
+    typer.echo(f"diffusion steps={d['steps']} refine={d['refine']}")
+    typer.echo(f"{len(doc['tracks'])} tracks:")
+    for tr in doc["tracks"]:
+        modes = [r["mode"] for r in tr["frames"]]
+        typer.echo(f"  track {tr['id']}: frames {tr['first_frame']}-{tr['last_frame']}, "
+                   f"{modes.count('diffusion')} replaced, {modes.count('blur')} blurred, "
+                   f"key id {tr['key_id']}" + (f", linked to {tr['linked_to']}"
+                                               if tr.get("linked_to") else ""))
+
+
+@app.command()
+def doctor() -> None:
+    """Versions, codecs, GPU and models found: what to paste into a bug report."""
+    import av
+    import cv2
+    import diffusers
+    import torch
+
+    from vidanon import __version__
+    from vidanon.detect import YUNET_PATH
+    from vidanon.diffusion.models import BUNDLED_DIR, bundled_available
+
+    info = {
+        "vidanon": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "diffusers": diffusers.__version__,
+        "pyav": av.__version__,
+        "opencv": cv2.__version__,
+        "h264_encoder": "libx264" in av.codecs_available,
+        "aac_decoder": "aac" in av.codecs_available,
+        "detector": str(YUNET_PATH) if YUNET_PATH.exists() else None,
+        "bundled_prior": str(BUNDLED_DIR) if bundled_available() else None,
+        "keyring": str(default_keyring()),
+    }
+    typer.echo(json.dumps(info, indent=1))
+
+
+@app.command("train-prior")
+def train_prior_cmd(
+    data: Annotated[Path, typer.Option(help="Face npz (shared format) or image folder.")],
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, logs).")],
+    resolution: int = 64,
+    preset: str = "cpu",
+    steps: int = 30000,
+    batch_size: int = 128,
+    resume: Annotated[Optional[Path], typer.Option()] = None,  # noqa: UP045
+    time_limit_s: Annotated[Optional[float], typer.Option()] = None,  # noqa: UP045
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Train the pixel-space face prior (resumable)."""
+    from vidanon.prior.train import train_prior
+
+    try:
+        path = train_prior(data, out, resolution=resolution, preset=preset, steps=steps,
+                           batch_size=batch_size, resume=resume, device=device,
+                           time_limit_s=time_limit_s, quiet=quiet)
+        typer.echo(f"checkpoint: {path}")
+    except VidanonError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

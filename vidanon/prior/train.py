@@ -1,0 +1,584 @@
+"""Training the offline face prior: a small pixel-space ``UNet2DModel`` on aligned face crops.
+
+The prior is what vidanon's DDIM inversion and keyed sign flips run through, so it must (a) use
+the exact noise schedule the pipeline samples with (the DDIM schedule below, also saved next to
+the weights), (b) predict epsilon, and (c) be cheap enough on a CPU to run 2 x 50 UNet passes
+per face crop.  The recipe is plain DDPM training (uniform timesteps, MSE on epsilon), AdamW
+with linear warm-up, gradient clipping and an EMA of the weights, which is what gets exported.
+
+Runs are resumable bit for bit: the data order, flips, timesteps and noise of every step are
+pure functions of (seed, step), and checkpoints hold the model, EMA, optimizer state and RNG
+state.  ``time_limit_s`` stops cleanly with a checkpoint, for fixed-length GPU slices.
+
+CLI::
+
+    python -m vidanon.prior.train --data ../shared/data/faces/utkface_crop64.npz \
+        --out runs/prior-cpu --preset cpu --batch-size 32 --time-limit-s 4500
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+from tqdm import tqdm
+
+from vidanon.prior.checkpoint import (
+    CKPT_BYTES,
+    SHARD_BYTES,
+    load_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
+from vidanon.prior.data import (
+    HELDOUT_RULE,
+    batch_indices,
+    flip_mask,
+    load_dataset,
+    split_indices,
+)
+
+NUM_TRAIN_TIMESTEPS = 1000
+EXPORT_BYTES = 48_000_000
+LICENCE = "UTKFace-derived: non-commercial research use only"
+
+# (block_out_channels, layers_per_block, attention per resolution level, norm groups, head dim)
+# "cpu" was picked by measuring CPU inference (see docs/prior.md): channel width at the 64 px
+# level dominates the cost, so it starts at 16 channels and puts attention only at 16 and 8 px.
+# "gpu" is sized so its fp16 export (19 MB) and a light checkpoint (56 MB) fit the transfer
+# limits of a GPU lease; the (64,128,256,256) x2 layout would export at 53 MB.
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "block_out_channels": (16, 32),
+        "layers_per_block": 1,
+        "attention": (False, True),
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    },
+    "cpu": {
+        "block_out_channels": (16, 32, 64, 128),
+        "layers_per_block": 1,
+        "attention": (False, False, True, True),
+        "norm_num_groups": 8,
+        "attention_head_dim": 32,
+    },
+    "gpu": {
+        "block_out_channels": (64, 128, 128, 128),
+        "layers_per_block": 2,
+        "attention": (False, False, True, True),
+        "norm_num_groups": 32,
+        "attention_head_dim": 32,
+    },
+}
+
+
+def build_unet(preset: str, resolution: int) -> UNet2DModel:
+    """A freshly initialised UNet of a named preset for square crops of ``resolution`` px."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    levels = len(p["block_out_channels"])
+    if resolution % 2 ** (levels - 1):
+        raise ValueError(f"resolution {resolution} is not divisible by {2 ** (levels - 1)}")
+    attn = p["attention"]
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=tuple(p["block_out_channels"]),
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        layers_per_block=p["layers_per_block"],
+        norm_num_groups=p["norm_num_groups"],
+        attention_head_dim=p["attention_head_dim"],
+    )
+
+
+def make_scheduler() -> DDIMScheduler:
+    """The noise schedule the prior is trained with and that the pipeline samples with."""
+    return DDIMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+) -> torch.Tensor:
+    """DDPM epsilon-prediction MSE: noise ``x0`` to step ``t`` and ask the UNet for the noise."""
+    a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    pred = unet(xt, t).sample
+    return torch.nn.functional.mse_loss(pred.float(), noise.float())
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in every checkpoint and in ``train_config.json``."""
+
+    data: str
+    resolution: int
+    preset: str
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    ema_decay: float
+    warmup_steps: int
+    grad_clip: float
+    weight_decay: float
+    ckpt_mode: str
+    n_train: int
+    n_heldout: int
+    heldout_rule: str = HELDOUT_RULE
+
+
+def _stream_seed(seed: int, step: int) -> int:
+    # Distinct, reproducible torch RNG stream per step (timesteps + noise).
+    return (seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1)
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _ckpt_mode(mode: str, n_params: int) -> str:
+    if mode != "auto":
+        return mode
+    return "full" if 16 * n_params <= CKPT_BYTES else "light"
+
+
+def _state_tensors(
+    model: UNet2DModel, ema: UNet2DModel, opt: torch.optim.Optimizer | None, mode: str
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        out[f"model.{k}"] = v.float()
+    ema_dtype = torch.float32 if mode == "full" else torch.float16
+    for k, v in ema.state_dict().items():
+        out[f"ema.{k}"] = v.to(ema_dtype)
+    if mode == "full" and opt is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for sk, sv in opt.state.get(p, {}).items():
+                    out[f"opt.{names[id(p)]}.{sk}"] = sv
+    return out
+
+
+def _load_optimizer(
+    opt: torch.optim.Optimizer, model: UNet2DModel, tensors: dict[str, torch.Tensor], groups
+) -> bool:
+    """Restore AdamW state from checkpoint tensors; False if the checkpoint has none."""
+    if not any(k.startswith("opt.") for k in tensors):
+        return False
+    sd = opt.state_dict()
+    params = dict(model.named_parameters())
+    order = [n for n, p in params.items() if p.requires_grad]
+    state = {}
+    for i, n in enumerate(order):
+        entry = {
+            sk.rsplit(".", 1)[-1]: v
+            for sk, v in tensors.items()
+            if sk.startswith(f"opt.{n}.") and "." not in sk[len(f"opt.{n}.") :]
+        }
+        if entry:
+            state[i] = entry
+    for g_new, g_old in zip(sd["param_groups"], groups, strict=True):
+        g_new.update({k: v for k, v in g_old.items() if k != "params"})
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    return True
+
+
+def _data_label(data: str | Path) -> str:
+    return Path(data).name
+
+
+def train_prior(
+    data: str | Path,
+    out: Path,
+    resolution: int = 64,
+    preset: str = "cpu",
+    steps: int = 100_000,
+    batch_size: int = 32,
+    lr: float = 2e-4,
+    seed: int = 0,
+    resume: Path | None = None,
+    device: str = "auto",
+    ema_decay: float = 0.999,
+    checkpoint_every: int = 1000,
+    time_limit_s: float | None = None,
+    compile: bool = False,
+    quiet: bool = False,
+    *,
+    checkpoint_every_s: float | None = None,
+    warmup_steps: int = 200,
+    grad_clip: float = 1.0,
+    weight_decay: float = 0.0,
+    ckpt_mode: str = "auto",
+    log_every: int = 50,
+    shard_bytes: int = SHARD_BYTES,
+) -> Path:
+    """Train (or resume training) a face prior; returns the newest checkpoint folder.
+
+    ``steps`` is the total step count of the run (a resumed run continues up to it).  A
+    checkpoint is written every ``checkpoint_every`` steps and/or ``checkpoint_every_s``
+    seconds, at the end, and when ``time_limit_s`` (wall time of this call's training loop)
+    is about to run out.  ``ckpt_mode`` "full" stores fp32 model, EMA and AdamW state (exact
+    resume); "light" stores fp32 model and fp16 EMA only (resume restarts AdamW with a fresh
+    warm-up) for models whose full checkpoint would exceed 60 MB; "auto" picks by size.
+    """
+    t_start = time.monotonic()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _resolve_device(device)
+
+    faces, names = load_dataset(data, resolution)
+    train_idx, held_idx = split_indices(names)
+    if len(train_idx) < batch_size:
+        raise ValueError(f"only {len(train_idx)} training faces for batch size {batch_size}")
+    faces_t = torch.from_numpy(faces).to(dev)  # uint8 NHWC, ~120 MB for 9,780 64-px faces
+
+    ckpt_tensors: dict[str, torch.Tensor] | None = None
+    ckpt_meta: dict | None = None
+    if resume is not None:
+        ckpt_tensors, ckpt_meta = load_checkpoint(Path(resume))
+        old = ckpt_meta["config"]
+        for key, new in (
+            ("preset", preset),
+            ("resolution", resolution),
+            ("batch_size", batch_size),
+            ("seed", seed),
+            ("data", _data_label(data)),
+        ):
+            if old[key] != new:
+                raise ValueError(f"resume: {key} was {old[key]!r} in the checkpoint, now {new!r}")
+
+    model = build_unet(preset, resolution)
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = TrainConfig(
+        data=_data_label(data),
+        resolution=resolution,
+        preset=preset,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        ema_decay=ema_decay,
+        warmup_steps=warmup_steps,
+        grad_clip=grad_clip,
+        weight_decay=weight_decay,
+        ckpt_mode=_ckpt_mode(ckpt_mode, n_params),
+        n_train=len(train_idx),
+        n_heldout=len(held_idx),
+    )
+    if cfg.ckpt_mode == "full" and 16 * n_params > CKPT_BYTES:
+        warnings.warn(
+            f"full checkpoints of {16 * n_params / 1e6:.0f} MB exceed {CKPT_BYTES / 1e6:.0f} MB",
+            stacklevel=2,
+        )
+    ema = copy.deepcopy(model).requires_grad_(False)
+    step = 0
+    if ckpt_tensors is not None and ckpt_meta is not None:
+        model.load_state_dict({k[6:]: v for k, v in ckpt_tensors.items() if k.startswith("model.")})
+        ema.load_state_dict(
+            {k[4:]: v.float() for k, v in ckpt_tensors.items() if k.startswith("ema.")}
+        )
+        step = int(ckpt_meta["step"])
+    model.to(dev).train()
+    ema.to(dev).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warm_from = 0
+    if ckpt_tensors is not None and ckpt_meta is not None:
+        restored = _load_optimizer(opt, model, ckpt_tensors, ckpt_meta["param_groups"])
+        if not restored:
+            warm_from = step  # light checkpoint: AdamW restarts, so warm up again
+        if ckpt_meta.get("torch_rng"):
+            torch.set_rng_state(_unb64(ckpt_meta["torch_rng"]))
+        if dev.type == "cuda" and ckpt_meta.get("cuda_rng"):
+            torch.cuda.set_rng_state(_unb64(ckpt_meta["cuda_rng"]))
+        warm_from = int(ckpt_meta.get("warm_from", 0)) if restored else warm_from
+        del ckpt_tensors
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+
+    fwd: torch.nn.Module = model
+    if compile and dev.type == "cuda":
+        fwd = torch.compile(model)  # type: ignore[assignment]
+    alphas_cumprod = make_scheduler().alphas_cumprod.to(dev, torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema_params = [p for p in ema.parameters()]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    history: list[dict] = list(ckpt_meta.get("history", [])) if ckpt_meta else []
+
+    def checkpoint() -> Path:
+        meta = {
+            "step": step,
+            "config": asdict(cfg),
+            "unet_config": {k: v for k, v in dict(model.config).items()},
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]
+            ],
+            "warm_from": warm_from,
+            "torch_rng": _b64(torch.get_rng_state()),
+            "cuda_rng": _b64(torch.cuda.get_rng_state()) if dev.type == "cuda" else "",
+            "history": history,
+            "device": str(dev),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        tensors = _state_tensors(model, ema, opt, cfg.ckpt_mode)
+        return save_checkpoint(out / "ckpt", step, tensors, meta, shard_bytes=shard_bytes)
+
+    last_ckpt: Path | None = None
+    t_loop = time.monotonic()
+    t_last_ckpt = t_loop
+    loss_sum = torch.zeros((), device=dev)
+    n_sum = 0
+    t_log = t_loop
+    step_times: list[float] = []
+    bar = tqdm(
+        total=steps, initial=step, disable=quiet, dynamic_ncols=True, mininterval=5.0,
+        desc=f"prior[{preset}]",
+    )
+    stopped_by_time = False
+    while step < steps:
+        t0 = time.monotonic()
+        idx = torch.from_numpy(batch_indices(train_idx, batch_size, seed, step)).to(dev)
+        flips = torch.from_numpy(flip_mask(batch_size, seed, step)).to(dev)
+        x0 = faces_t[idx].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        x0 = torch.where(flips.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        g = torch.Generator(device=dev).manual_seed(_stream_seed(seed, step))
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=g, device=dev)
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+
+        lr_now = lr * min(1.0, (step - warm_from + 1) / max(1, warmup_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        with autocast:
+            loss = diffusion_loss(fwd, x0, noise, t, alphas_cumprod)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        # EMA with the usual warm-up so short runs are not dominated by the random init.
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        step += 1
+        loss_sum += loss.detach()
+        n_sum += 1
+        step_times.append(time.monotonic() - t0)
+
+        if step % log_every == 0 or step == steps:
+            now = time.monotonic()
+            mean = float(loss_sum) / n_sum
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"loss became {mean} at step {step}")
+            rec = {
+                "step": step,
+                "loss": round(mean, 5),
+                "lr": lr_now,
+                "steps_per_s": round(n_sum / max(now - t_log, 1e-9), 4),
+                "elapsed_s": round(now - t_loop, 1),
+            }
+            history.append(rec)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_now:.1e}")
+            loss_sum.zero_()
+            n_sum = 0
+            t_log = now
+        bar.update(1)
+
+        now = time.monotonic()
+        due = step % checkpoint_every == 0 or (
+            checkpoint_every_s is not None and now - t_last_ckpt >= checkpoint_every_s
+        )
+        if time_limit_s is not None:
+            recent = step_times[-20:]
+            est = sum(recent) / len(recent)
+            if now - t_start + 2 * est >= time_limit_s and step < steps:
+                stopped_by_time = True
+        if due or stopped_by_time or step == steps:
+            last_ckpt = checkpoint()
+            t_last_ckpt = time.monotonic()
+        if stopped_by_time:
+            break
+    bar.close()
+    if last_ckpt is None:  # resumed at or past ``steps``: nothing to train
+        last_ckpt = checkpoint()
+    if not quiet:
+        why = "time limit" if stopped_by_time else "done"
+        print(f"prior: {why} at step {step}, checkpoint {last_ckpt}", file=sys.stderr)
+    return last_ckpt
+
+
+def face_oval_from_template(template: Sequence[Sequence[float]]) -> list[float]:
+    """Face oval (cx, cy, rx, ry, crop fractions) from the 5-point template.
+
+    From eye centre e and mouth centre m, d = |m - e|: the face centre sits a little below
+    their midpoint and the oval spans about brows to chin and cheek to cheek.
+    """
+    pts = np.asarray(template, dtype=np.float64)
+    e = pts[:2].mean(axis=0)
+    m = pts[3:5].mean(axis=0)
+    d = float(np.linalg.norm(m - e))
+    oval = [(e[0] + m[0]) / 2, (e[1] + m[1]) / 2 + 0.15 * d, 0.95 * d, 1.1 * d]
+    return [round(float(np.clip(v, 0.0, 1.0)), 4) for v in oval]
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_weights(
+    run_dir: Path,
+    dest: Path,
+    template: Sequence[Sequence[float]],
+    face_oval: Sequence[float] | None = None,
+    *,
+    name: str | None = None,
+    extra_meta: dict | None = None,
+    max_bytes: int = EXPORT_BYTES,
+) -> Path:
+    """Write the newest checkpoint's EMA weights as an fp16 diffusers model folder.
+
+    Layout: ``dest/unet`` (config + fp16 safetensors), ``dest/scheduler`` (the training DDIM
+    schedule) and ``dest/vidanon.json`` (crop size, template, oval, training facts, licence),
+    which is what ``vidanon.diffusion.models.load_folder`` reads.  Existing ``unet``/
+    ``scheduler`` folders are swapped out by rename, and other files in ``dest`` (the model
+    card) are left alone.
+    """
+    tensors, meta = load_checkpoint(Path(run_dir))
+    cfg = meta["config"]
+    unet = UNet2DModel.from_config(meta["unet_config"])
+    unet.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+    unet = unet.half().eval()
+    template = [[round(float(x), 4), round(float(y), 4)] for x, y in template]
+    if len(template) != 5:
+        raise ValueError("template must have 5 points")
+    oval = list(face_oval) if face_oval is not None else face_oval_from_template(template)
+    res = int(cfg["resolution"])
+    info = {
+        "name": name or f"vidanon/face-prior-{res}",
+        "kind": "pixel",
+        "crop_size": res,
+        "template": template,
+        "face_oval": [round(float(v), 4) for v in oval],
+        "training": {
+            "steps": int(meta["step"]),
+            "batch": int(cfg["batch_size"]),
+            "preset": cfg["preset"],
+            "data": cfg["data"],
+            "heldout": cfg["heldout_rule"],
+            "seed": int(cfg["seed"]),
+            "lr": cfg["lr"],
+            "ema_decay": cfg["ema_decay"],
+            "device": meta.get("device", ""),
+            "n_train": cfg["n_train"],
+            "n_heldout": cfg["n_heldout"],
+            "final_loss": meta["history"][-1]["loss"] if meta.get("history") else None,
+        },
+        "licence": LICENCE,
+    }
+    if extra_meta:
+        info.update(extra_meta)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest / f".export-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        make_scheduler().save_pretrained(tmp / "scheduler")
+        total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        if total > max_bytes:
+            raise ValueError(f"export is {total / 1e6:.1f} MB, over {max_bytes / 1e6:.0f} MB")
+        _replace_dir(tmp / "unet", dest / "unet")
+        _replace_dir(tmp / "scheduler", dest / "scheduler")
+        write_text_atomic(dest / "vidanon.json", json.dumps(info, indent=1) + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line for training runs (see module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m vidanon.prior.train", description=__doc__)
+    ap.add_argument("--data", required=True, help="npz (shared format) or folder of images")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup-steps", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--resume", default=None, help="checkpoint/run folder, or 'auto' (= --out)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--checkpoint-every", type=int, default=1000)
+    ap.add_argument("--checkpoint-every-s", type=float, default=None)
+    ap.add_argument("--time-limit-s", type=float, default=None)
+    ap.add_argument("--ckpt-mode", default="auto", choices=["auto", "full", "light"])
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    resume = None
+    if a.resume == "auto":
+        resume = a.out if (a.out / "ckpt" / "latest").exists() else None
+    elif a.resume:
+        resume = Path(a.resume)
+    train_prior(
+        a.data, a.out, resolution=a.resolution, preset=a.preset, steps=a.steps,
+        batch_size=a.batch_size, lr=a.lr, seed=a.seed, resume=resume, device=a.device,
+        ema_decay=a.ema_decay, checkpoint_every=a.checkpoint_every,
+        time_limit_s=a.time_limit_s, compile=a.compile, quiet=a.quiet,
+        checkpoint_every_s=a.checkpoint_every_s, warmup_steps=a.warmup_steps,
+        ckpt_mode=a.ckpt_mode, log_every=a.log_every,
+    )
+
+
+if __name__ == "__main__":
+    main()

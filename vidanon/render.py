@@ -1,0 +1,88 @@
+"""The frame loop shared by ``run`` and ``recover``: batch face crops across frames, transform
+them on the model's device, paste them back, and hand frames on in order.
+
+Crops from many frames and tracks go into one engine call (a GPU wants batches of 32-64,
+while a frame holds one to a few faces), so a bounded window of frames is held back until
+the batch is full.  Memory is bounded by that window, not by the video's length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vidanon.align import (
+    blur_face,
+    from_tensor_batch,
+    paste,
+    paste_alpha,
+    to_tensor_batch,
+    warp_crop,
+)
+from vidanon.diffusion.models import ModelSpec
+from vidanon.keys import Key
+from vidanon.media import Frame
+
+
+@dataclass
+class FaceJob:
+    """One face in one frame: which track, where (frame -> crop matrix), and how."""
+
+    track_id: int
+    matrix: np.ndarray  # 2x3
+    mode: str  # "diffusion" or "blur"
+
+
+Transform = Callable[[torch.Tensor, torch.Tensor, Sequence[Key]], torch.Tensor]
+
+
+class FrameRenderer:
+    def __init__(self, spec: ModelSpec, mask: np.ndarray, feather: float, transform: Transform,
+                 keys: dict[int, Key], batch_size: int, max_window: int = 64) -> None:
+        self.spec = spec
+        self.mask = mask
+        self.alpha = paste_alpha(spec, feather)
+        self.transform = transform
+        self.keys = keys
+        self.batch_size = batch_size
+        self.max_window = max_window
+
+    def _flush(self, window: list[tuple[Frame, list[FaceJob]]]) -> Iterator[Frame]:
+        crops, where = [], []
+        size = self.spec.crop_size
+        for wi, (frame, jobs) in enumerate(window):
+            for job in jobs:
+                if job.mode == "diffusion":
+                    crops.append(warp_crop(frame.image, job.matrix, size))
+                    where.append((wi, job))
+        if crops:
+            x = to_tensor_batch(crops)
+            m = torch.from_numpy(self.mask)[None, None].expand(len(crops), 1, size, size)
+            y = from_tensor_batch(self.transform(x, m, [self.keys[j.track_id] for _, j in where]))
+            for (wi, job), crop in zip(where, y):
+                paste(window[wi][0].image, crop, job.matrix, self.alpha)
+        for frame, jobs in window:
+            for job in jobs:
+                if job.mode == "blur":
+                    blur_face(frame.image, job.matrix, self.spec, self.alpha)
+            yield frame
+
+    def render(self, frames: Iterable[Frame],
+               plan: Callable[[int], list[FaceJob]]) -> Iterator[Frame]:
+        window: list[tuple[Frame, list[FaceJob]]] = []
+        pending = 0
+        for frame in frames:
+            jobs = plan(frame.index)
+            if not jobs and not window:
+                yield frame
+                continue
+            window.append((frame, jobs))
+            pending += sum(j.mode == "diffusion" for j in jobs)
+            if pending >= self.batch_size or len(window) >= self.max_window:
+                yield from self._flush(window)
+                window, pending = [], 0
+        if window:
+            yield from self._flush(window)

@@ -1,0 +1,162 @@
+"""Tracking faces across frames (ByteTrack from ``trackers``), then gap filling and smoothing.
+
+A face the detector misses for a few frames must still be anonymized in those frames: the
+most common complaint about frame-by-frame tools is a face flashing up when the detector
+blinks.  So tracking runs over the whole video first (detections are small), gaps inside a
+track are interpolated, each track is padded by a few frames at both ends, and landmarks are
+smoothed so the aligned crops (and with them the generated faces) do not jitter.
+Detections the tracker leaves unassigned are never dropped: they join a neighbouring track
+or become a track of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import supervision as sv
+from scipy.signal import savgol_filter
+from trackers import ByteTrackTracker
+
+
+@dataclass
+class Track:
+    id: int
+    landmarks: dict[int, np.ndarray] = field(default_factory=dict)  # frame -> (5, 2)
+    boxes: dict[int, np.ndarray] = field(default_factory=dict)  # frame -> xyxy
+    detected: set[int] = field(default_factory=set)  # frames with a real detection
+
+    @property
+    def first(self) -> int:
+        return min(self.landmarks)
+
+    @property
+    def last(self) -> int:
+        return max(self.landmarks)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class FaceTracker:
+    """Feed detections frame by frame with ``update``; ``finish`` returns clean tracks."""
+
+    def __init__(self, fps: float, lost_buffer_s: float = 1.0, threshold: float = 0.6) -> None:
+        self._bt = ByteTrackTracker(
+            lost_track_buffer=max(1, round(lost_buffer_s * fps)),
+            frame_rate=fps,
+            track_activation_threshold=threshold,
+            minimum_consecutive_frames=1,
+            high_conf_det_threshold=threshold,
+        )
+        self._tracks: dict[int, Track] = {}
+        self._orphans: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def update(self, frame_index: int, dets: sv.Detections) -> None:
+        if len(dets) == 0:
+            self._bt.update(dets)
+            return
+        out = self._bt.update(dets)
+        lms = out.data["landmarks"]
+        for i in range(len(out)):
+            tid = int(out.tracker_id[i])
+            if tid < 0:
+                self._orphans.append((frame_index, out.xyxy[i].copy(), lms[i].copy()))
+                continue
+            tr = self._tracks.setdefault(tid, Track(tid))
+            tr.landmarks[frame_index] = lms[i].astype(np.float64)
+            tr.boxes[frame_index] = out.xyxy[i].astype(np.float64)
+            tr.detected.add(frame_index)
+
+    def _adopt_orphans(self) -> None:
+        next_id = max(self._tracks, default=0) + 1
+        for f, box, lm in self._orphans:
+            best, best_iou = None, 0.3
+            for tr in self._tracks.values():
+                if f in tr.landmarks:
+                    continue
+                for g in (f + 1, f - 1):
+                    if g in tr.boxes and (iou := _iou(tr.boxes[g], box)) > best_iou:
+                        best, best_iou = tr, iou
+            if best is None:
+                best = self._tracks.setdefault(next_id, Track(next_id))
+                next_id += 1
+            best.landmarks[f] = lm.astype(np.float64)
+            best.boxes[f] = box.astype(np.float64)
+            best.detected.add(f)
+        self._orphans.clear()
+
+    def finish(self, n_frames: int, max_gap: int = 15, pad: int = 2,
+               smooth: int = 7) -> list[Track]:
+        """Fill gaps up to ``max_gap`` frames, pad ends by ``pad``, smooth; ids from 1."""
+        self._adopt_orphans()
+        tracks = sorted(self._tracks.values(), key=lambda t: (t.first, t.id))
+        result = []
+        for new_id, tr in enumerate(tracks, start=1):
+            fill_gaps(tr, max_gap)
+            smooth_track(tr, smooth)
+            pad_track(tr, pad, n_frames)
+            tr.id = new_id
+            result.append(tr)
+        return result
+
+
+def _segments(frames: list[int]) -> list[list[int]]:
+    segs: list[list[int]] = []
+    for f in frames:
+        if segs and f == segs[-1][-1] + 1:
+            segs[-1].append(f)
+        else:
+            segs.append([f])
+    return segs
+
+
+def fill_gaps(tr: Track, max_gap: int) -> None:
+    """Linear interpolation of landmarks and boxes across gaps of at most ``max_gap`` frames."""
+    frames = sorted(tr.landmarks)
+    for a, b in zip(frames, frames[1:]):
+        gap = b - a - 1
+        if 0 < gap <= max_gap:
+            for f in range(a + 1, b):
+                w = (f - a) / (b - a)
+                tr.landmarks[f] = (1 - w) * tr.landmarks[a] + w * tr.landmarks[b]
+                tr.boxes[f] = (1 - w) * tr.boxes[a] + w * tr.boxes[b]
+
+
+def smooth_track(tr: Track, window: int) -> None:
+    """Savitzky-Golay smoothing per contiguous run: removes detector jitter, keeps motion."""
+    if window < 3:
+        return
+    for seg in _segments(sorted(tr.landmarks)):
+        w = min(window, len(seg) if len(seg) % 2 else len(seg) - 1)
+        if w < 5:
+            continue
+        arr = np.stack([tr.landmarks[f] for f in seg])
+        arr = savgol_filter(arr, w, 2, axis=0, mode="nearest")
+        for f, v in zip(seg, arr):
+            tr.landmarks[f] = v
+
+
+def pad_track(tr: Track, pad: int, n_frames: int) -> None:
+    """Hold the first/last pose for ``pad`` frames: detectors tend to pick faces up late."""
+    first, last = tr.first, tr.last
+    for f in range(max(0, first - pad), first):
+        tr.landmarks[f] = tr.landmarks[first]
+        tr.boxes[f] = tr.boxes[first]
+    for f in range(last + 1, min(n_frames, last + pad + 1)):
+        tr.landmarks[f] = tr.landmarks[last]
+        tr.boxes[f] = tr.boxes[last]
+
+
+def faces_by_frame(tracks: list[Track]) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """frame -> [(track id, landmarks)], the plan the rendering pass follows."""
+    plan: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for tr in tracks:
+        for f, lm in tr.landmarks.items():
+            plan.setdefault(f, []).append((tr.id, lm))
+    return plan
