@@ -189,10 +189,7 @@ class Keyring:
             raise KeyMaterialError(f"keyring {path} is not a readable vidanon keyring") from None
         if doc.get("format") != KEYRING_FORMAT:
             raise KeyMaterialError(f"{path} is not a vidanon keyring")
-        if "sealed" in doc:
-            body = json.loads(_unseal(doc["sealed"], passphrase))
-        else:
-            body = doc
+        body = json.loads(_unseal(doc["sealed"], passphrase)) if "sealed" in doc else doc
         return cls(path, dict(body.get("jobs", {})), passphrase)
 
     def add_job(self, job_id: str, master: Key, note: dict | None = None) -> None:

@@ -55,9 +55,8 @@ def verify(doc: dict, track_id: int | None = None, key: Key | None = None,
     """Raise SidecarError unless the tag for the given key matches the body."""
     auth = doc.get("auth") or {}
     payload = canonical(doc)
-    if master is not None:
-        if not mac_ok(master, payload, auth.get("master", "")):
-            raise SidecarError("sidecar was altered (or belongs to another job): tag mismatch")
+    if master is not None and not mac_ok(master, payload, auth.get("master", "")):
+        raise SidecarError("sidecar was altered (or belongs to another job): tag mismatch")
     if key is not None:
         tag = (auth.get("tracks") or {}).get(str(track_id), "")
         if not mac_ok(key, payload, tag):

@@ -48,10 +48,9 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = _gauss_kernel(sigma, x.device, x.dtype)
     c = x.shape[1]
     r = (k.numel() - 1) // 2
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
-                 groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
-                    groups=c)
+    kx = k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kx, groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), kx.transpose(2, 3), groups=c)
 
 
 def background_fill(x: torch.Tensor, mask: torch.Tensor, sigma_px: float) -> torch.Tensor:
