@@ -206,3 +206,31 @@ def test_folder_batch_resumes_and_reports_failures(clip, tmp_path):
 def test_mask_is_inside_paste_region():
     spec = tiny_pixel().spec
     assert np.all(paste_alpha(spec, 0.06)[oval_mask(spec) > 0] > 0.99)
+
+
+def test_link_identities_shares_keys_between_non_overlapping_tracks():
+    from vidanon.detect import YuNetDetector
+    from vidanon.identity import link_tracks
+    from vidanon.track import Track
+
+    clip = REPO / "samples" / "crowd.mp4"
+    det = YuNetDetector()
+    frames = {f.index: f.image for f in read_frames(clip) if f.index in (30, 85)}
+    dets = {k: det(v) for k, v in frames.items()}
+
+    def near(f, x, y):  # the detection whose top-left corner is closest to (x, y)
+        d = dets[f]
+        return int(np.argmin(np.hypot(d.xyxy[:, 0] - x, d.xyxy[:, 1] - y)))
+
+    def tr(tid, f, i):
+        t = Track(tid)
+        t.landmarks[f] = dets[f].data["landmarks"][i].astype(np.float64)
+        t.boxes[f] = dets[f].xyxy[i].astype(np.float64)
+        t.detected.add(f)
+        return t
+
+    a = tr(1, 30, near(30, 314, 37))  # a person early in the clip
+    c = tr(2, 30, near(30, 378, 78))  # their neighbour, same frames
+    b = tr(3, 85, near(85, 321, 39))  # the first person again, later
+    mapping = link_tracks(clip, [a, c, b])
+    assert mapping == {1: 1, 2: 2, 3: 1}

@@ -61,6 +61,8 @@ def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="section.key=value")] = None,  # noqa: UP045
     model: Model = None,
     device: Device = "auto",
+    link_identities: Annotated[bool, typer.Option(
+        "--link-identities", help="Tracks of the same person share one pseudo-identity.")] = False,
     passphrase: Passflag = False,
     quiet: Quiet = False,
 ) -> None:
@@ -79,7 +81,7 @@ def run(
         def one(inp: Path, out: Path | None):
             if out is not None and out.resolve() == inp.resolve():
                 raise VidanonError("output would overwrite the input")
-            return run_one(inp, out, ring, settings, model, device, quiet, pw)
+            return run_one(inp, out, ring, settings, model, device, quiet, pw, link_identities)
 
         if input.is_dir():
             summary = run_folder(input, output, one, quiet)
@@ -145,7 +147,10 @@ def keys_export(
         pw = _passphrase(passphrase)
         ring = Keyring.open(keyring, passphrase=pw)
         if sidecar_file is not None:
-            job = sidecar.read(sidecar_file)["job_id"]
+            doc = sidecar.read(sidecar_file)
+            job = doc["job_id"]
+            # A linked track uses the key of the track it is linked to.
+            track = int(sidecar.track_entry(doc, track).get("key_track", track))
         if job is None:
             if not ring.jobs:
                 raise VidanonError("keyring holds no jobs")
@@ -179,8 +184,9 @@ def inspect(sidecar_file: Annotated[Path, typer.Argument(metavar="SIDECAR")]) ->
         modes = [r["mode"] for r in tr["frames"]]
         typer.echo(f"  track {tr['id']}: frames {tr['first_frame']}-{tr['last_frame']}, "
                    f"{modes.count('diffusion')} replaced, {modes.count('blur')} blurred, "
-                   f"key id {tr['key_id']}" + (f", linked to {tr['linked_to']}"
-                                               if tr.get("linked_to") else ""))
+                   f"key id {tr['key_id']}"
+                   + (f", linked to track {tr['key_track']}"
+                      if tr.get("key_track", tr["id"]) != tr["id"] else ""))
 
 
 @app.command()

@@ -102,7 +102,7 @@ def _encode_settings(settings: dict) -> EncodeSettings:
 
 def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         model_name: str | None = None, device: str = "auto", quiet: bool = False,
-        passphrase: str | None = None) -> RunResult:
+        passphrase: str | None = None, link_identities: bool = False) -> RunResult:
     inp = Path(inp)
     output = Path(output) if output else default_output(inp)
     info = probe(inp)
@@ -113,10 +113,17 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     tracks = detect_and_track(inp, info, settings, quiet)
     plan = plan_faces(tracks, spec, float(settings["faces"]["min_eye_px"]))
 
+    # One key per identity: a track's own id, or its group's when identities are linked.
+    key_track = {tr.id: tr.id for tr in tracks}
+    if link_identities and len(tracks) > 1:
+        from vidanon.identity import link_tracks
+
+        key_track = link_tracks(inp, tracks)
+
     # Keys first: if the keyring cannot be written, nothing else is.
     job_id = new_job_id()
     master = Key.generate()
-    keys = {tr.id: track_key(master, job_id, tr.id) for tr in tracks}
+    keys = {t: track_key(master, job_id, key_track[t]) for t in key_track}
     ring = Keyring.open(keyring_path, passphrase=passphrase, create=True)
     ring.add_job(job_id, master, {"input": inp.name, "output": output.name,
                                   "created": _now()})
@@ -131,7 +138,8 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         for frame in renderer.render(frames, lambda f: plan.get(f, [])):
             writer.write(frame)
 
-    doc = _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys)
+    doc = _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
+                         key_track)
     sidecar.sign(doc, master, keys)
     side = sidecar.sidecar_path(output)
     sidecar.write(side, doc)
@@ -144,7 +152,8 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys) -> dict:
+def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
+                   key_track) -> dict:
     per_track: dict[int, list] = {tr.id: [] for tr in tracks}
     for f in sorted(plan):
         for job in plan[f]:
@@ -162,10 +171,12 @@ def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, key
         "output": {"name": output.name, "sha256": sidecar.file_sha256(output)},
         "model": model.spec.as_dict(),
         "settings": settings,
+        "linked_identities": {str(t): k for t, k in key_track.items() if t != k},
         "tracks": [
             {
                 "id": tr.id,
                 "key_id": keys[tr.id].id,
+                "key_track": key_track[tr.id],  # != id when linked to an earlier track
                 "first_frame": tr.first,
                 "last_frame": tr.last,
                 "detected_frames": len(tr.detected),
@@ -191,14 +202,15 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
     keys: dict[int, Key] = {}
     for tid in track_ids:
         entry = sidecar.track_entry(doc, tid)
+        kt = int(entry.get("key_track", tid))
         if key_file is not None:
             job, ktrack, key = read_track_key(key_file, passphrase)
-            if job != doc["job_id"] or ktrack != tid:
+            if job != doc["job_id"] or ktrack != kt:
                 raise KeyMaterialError(f"key file is for job {job} track {ktrack}, "
                                        f"not job {doc['job_id']} track {tid}")
         elif keyring_path is not None:
             ring = Keyring.open(keyring_path, passphrase=passphrase)
-            key = track_key(ring.master(doc["job_id"]), doc["job_id"], tid)
+            key = track_key(ring.master(doc["job_id"]), doc["job_id"], kt)
         else:
             raise KeyMaterialError("give --keyring or --key-file")
         if key.id != entry["key_id"]:
