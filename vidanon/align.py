@@ -47,13 +47,24 @@ def warp_crop(frame: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
                           borderMode=cv2.BORDER_REPLICATE)
 
 
+def _border_ramp(size: int) -> np.ndarray:
+    """(size, size) weight that is 1 inside and falls to 0 over the outermost ~4 % of a crop."""
+    ramp = np.minimum(np.arange(size) + 0.5, size - np.arange(size) - 0.5) / max(2.0, 0.04 * size)
+    ramp = np.clip(ramp, 0, 1)
+    return np.minimum(ramp[None, :], ramp[:, None]).astype(np.float32)
+
+
 def oval_mask(spec: ModelSpec, size: int | None = None) -> np.ndarray:
-    """Hard 0/1 face oval in crop coordinates, float32 (size, size)."""
+    """Hard 0/1 face oval in crop coordinates, float32 (size, size).
+
+    Clipped to where the paste-back border ramp is 1, so every replaced pixel is pasted at
+    full weight: a partial weight would let original face pixels show through.
+    """
     size = size or spec.crop_size
     cx, cy, rx, ry = spec.face_oval
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     inside = ((xx / size - cx) / rx) ** 2 + ((yy / size - cy) / ry) ** 2 <= 1.0
-    return inside.astype(np.float32)
+    return (inside & (_border_ramp(size) >= 1.0)).astype(np.float32)
 
 
 def paste_alpha(spec: ModelSpec, feather: float) -> np.ndarray:
@@ -67,9 +78,7 @@ def paste_alpha(spec: ModelSpec, feather: float) -> np.ndarray:
     dist = cv2.distanceTransform((hard < 0.5).astype(np.uint8), cv2.DIST_L2, 5)
     alpha = np.clip(1.0 - dist / max(feather * size, 1e-6), 0.0, 1.0)
     # Taper to zero at the crop border so no hard crop edge can show in the frame.
-    ramp = np.minimum(np.arange(size) + 0.5, size - np.arange(size) - 0.5) / max(2.0, 0.04 * size)
-    ramp = np.clip(ramp, 0, 1)
-    return (alpha * np.minimum(ramp[None, :], ramp[:, None])).astype(np.float32)
+    return (alpha * _border_ramp(size)).astype(np.float32)
 
 
 def _footprint(m: np.ndarray, size: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -23,6 +23,9 @@ from safetensors.torch import load_file, save_file
 SHARD_BYTES = 16_000_000  # per file: under the 16 MiB a GPU lease returns per file
 CKPT_BYTES = 60_000_000  # per checkpoint, all files together
 LATEST = "latest"
+_HEADER_BASE = 1024  # safetensors header: metadata, braces, alignment padding
+_HEADER_PER_TENSOR = 128  # '"key":{"dtype":"F32","shape":[...],"data_offsets":[a,b]},'
+
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -32,17 +35,21 @@ def _nbytes(t: torch.Tensor) -> int:
 def shard_tensors(
     tensors: dict[str, torch.Tensor], shard_bytes: int = SHARD_BYTES
 ) -> list[dict[str, torch.Tensor]]:
-    """Greedily pack tensors (in key order) into shards of at most ``shard_bytes``."""
+    """Greedily pack tensors (in key order) into files of at most ``shard_bytes``.
+
+    Counts the safetensors JSON header too (an entry per tensor plus a small fixed part), so
+    the limit holds for the file size, not just the tensor data.
+    """
     shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    size = _HEADER_BASE
     for key in sorted(tensors):
         t = tensors[key]
-        n = _nbytes(t)
-        if n > shard_bytes:
+        n = _nbytes(t) + len(key) + _HEADER_PER_TENSOR
+        if n + _HEADER_BASE > shard_bytes:
             raise ValueError(f"tensor {key} ({n} bytes) is larger than a shard ({shard_bytes})")
         if size + n > shard_bytes and shards[-1]:
             shards.append({})
-            size = 0
+            size = _HEADER_BASE
         shards[-1][key] = t
         size += n
     return shards

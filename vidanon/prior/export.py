@@ -14,6 +14,7 @@ because detection on ~9k faces takes a minute and the result does not change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import time
@@ -60,7 +61,9 @@ def run_template(run_dir: Path, faces: Path | None = FACES_128) -> dict:
         "method": "YuNet 2023mar on 128-px training faces padded 25% (replicate), "
         "median over faces with exactly one detection",
     }
-    write_text_atomic(cache, json.dumps(info, indent=1) + "\n")
+    # A read-only run folder (files fetched from a GPU lease) just gets no cache.
+    with contextlib.suppress(OSError):
+        write_text_atomic(cache, json.dumps(info, indent=1) + "\n")
     return info
 
 
@@ -69,7 +72,7 @@ def _card_block(meta: dict, tmpl: dict, dest: Path) -> str:
     hist = meta.get("history", [])
     pts = [h for h in hist if h["step"] in _pick_steps([h["step"] for h in hist])]
     curve = ", ".join(f"{h['step']}: {h['loss']:.4f}" for h in pts)
-    elapsed = hist[-1].get("elapsed_s") if hist else None
+    minutes = _train_minutes(hist)
     size = sum(f.stat().st_size for f in (dest / "unet").rglob("*") if f.is_file())
     lines = [
         CARD_BEGIN,
@@ -77,8 +80,8 @@ def _card_block(meta: dict, tmpl: dict, dest: Path) -> str:
         f"from checkpoint step {meta['step']} (`{Path(meta['_path']).name}`).",
         f"- Preset `{cfg['preset']}`, {cfg['resolution']} px, batch {cfg['batch_size']}, "
         f"lr {cfg['lr']}, EMA {cfg['ema_decay']}, seed {cfg['seed']}, device "
-        f"`{meta.get('device', '?')}` ({meta.get('threads', '?')} threads)"
-        + (f", last segment {elapsed / 60:.0f} min of training." if elapsed else "."),
+        f"`{meta.get('device', '?')}`, torch threads {meta.get('threads', '?')}, "
+        f"about {minutes:.0f} min of training (wall time, all resumed segments).",
         f"- Training faces {cfg['n_train']}, held out {cfg['n_heldout']} "
         f"({cfg['heldout_rule']}).",
         f"- Loss (mean over the preceding log interval) by step: {curve}.",
@@ -94,6 +97,17 @@ def _card_block(meta: dict, tmpl: dict, dest: Path) -> str:
         CARD_END,
     ]
     return "\n".join(lines)
+
+
+def _train_minutes(history: list[dict]) -> float:
+    """Wall minutes over all segments: ``elapsed_s`` restarts at 0 when a run is resumed."""
+    total, last = 0.0, 0.0
+    for h in history:
+        e = float(h.get("elapsed_s", 0.0))
+        if e < last:
+            total += last
+        last = e
+    return (total + last) / 60
 
 
 def _pick_steps(steps: list[int], k: int = 10) -> set[int]:
@@ -128,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _, meta = load_checkpoint(a.run_dir)
     dest = export_weights(a.run_dir, a.dest, tmpl["template"], tmpl["face_oval"])
     model = load_folder(dest)
-    print(f"exported step {meta['step']} to {dest} ({model.spec.name}, crop {model.spec.crop_size})")
+    spec = model.spec
+    print(f"exported step {meta['step']} to {dest} ({spec.name}, crop {spec.crop_size})")
     update_card(dest / "MODEL_CARD.md", _card_block(meta, tmpl, dest))
     if not a.no_samples:
         png = save_png(sample_grid(dest, n=a.n, steps=a.steps), a.samples)

@@ -286,7 +286,9 @@ def train_prior(
             if old[key] != new:
                 raise ValueError(f"resume: {key} was {old[key]!r} in the checkpoint, now {new!r}")
 
-    model = build_unet(preset, resolution)
+    with torch.random.fork_rng(devices=[]):  # init from the seed, leave global RNG alone
+        torch.manual_seed(seed)
+        model = build_unet(preset, resolution)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(
         data=_data_label(data),
@@ -346,9 +348,9 @@ def train_prior(
         meta = {
             "step": step,
             "config": asdict(cfg),
-            "unet_config": {k: v for k, v in dict(model.config).items()},
+            "unet_config": dict(model.config),
             "param_groups": [
-                {k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]
+                {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups
             ],
             "warm_from": warm_from,
             "torch_rng": _b64(torch.get_rng_state()),
@@ -531,6 +533,8 @@ def export_weights(
         total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         if total > max_bytes:
             raise ValueError(f"export is {total / 1e6:.1f} MB, over {max_bytes / 1e6:.0f} MB")
+        for f in tmp.rglob("*"):  # safetensors writes 0600; package data must be readable
+            f.chmod(0o755 if f.is_dir() else 0o644)
         _replace_dir(tmp / "unet", dest / "unet")
         _replace_dir(tmp / "scheduler", dest / "scheduler")
         write_text_atomic(dest / "vidanon.json", json.dumps(info, indent=1) + "\n")
