@@ -111,6 +111,6 @@ def synthetic_image_fixture() -> Callable[[int, int, int], np.ndarray]:
 
 @pytest.fixture
 def sample_video() -> Path:
-    """The shipped 3-second multi-face clip (90 frames, 640x360, AAC audio)."""
+    """The shipped 2-second multi-face clip (60 frames, 640x360, AAC audio)."""
     assert SAMPLE_VIDEO.is_file(), "samples/crowd.mp4 is missing (see samples/README.md)"
     return SAMPLE_VIDEO

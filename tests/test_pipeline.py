@@ -215,7 +215,7 @@ def test_link_identities_shares_keys_between_non_overlapping_tracks():
 
     clip = REPO / "samples" / "crowd.mp4"
     det = YuNetDetector()
-    frames = {f.index: f.image for f in read_frames(clip) if f.index in (30, 85)}
+    frames = {f.index: f.image for f in read_frames(clip) if f.index in (36, 59)}
     dets = {k: det(v) for k, v in frames.items()}
 
     def near(f, x, y):  # the detection whose top-left corner is closest to (x, y)
@@ -229,8 +229,8 @@ def test_link_identities_shares_keys_between_non_overlapping_tracks():
         t.detected.add(f)
         return t
 
-    a = tr(1, 30, near(30, 314, 37))  # a person early in the clip
-    c = tr(2, 30, near(30, 378, 78))  # their neighbour, same frames
-    b = tr(3, 85, near(85, 321, 39))  # the first person again, later
+    a = tr(1, 36, near(36, 315, 36))  # a person early in the clip
+    c = tr(2, 36, near(36, 380, 79))  # their neighbour, same frames
+    b = tr(3, 59, near(59, 321, 42))  # the first person again, later
     mapping = link_tracks(clip, [a, c, b])
     assert mapping == {1: 1, 2: 2, 3: 1}
