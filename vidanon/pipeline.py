@@ -94,6 +94,25 @@ def _engine(model: FaceModel, settings: dict) -> Engine:
                                         batch_size=int(d["batch_size"])))
 
 
+def _render(src: Path, output: Path, info, model: FaceModel, settings: dict,
+            keys: dict[int, Key], plan: dict[int, list[FaceJob]], what: str,
+            quiet: bool) -> None:
+    """Decode ``src``, apply the keyed transform to the planned faces, encode to ``output``.
+
+    ``what`` is "anonymize" or "recover"; both are the same keyed transform (an involution).
+    """
+    engine = _engine(model, settings)
+    transform = engine.anonymize if what == "anonymize" else engine.recover
+    renderer = FrameRenderer(model.spec, oval_mask(model.spec),
+                             float(settings["faces"]["feather"]), transform, keys,
+                             engine.settings.batch_size)
+    with VideoWriter(output, info, _encode_settings(settings), audio_from=src) as writer:
+        frames = tqdm(read_frames(src), total=info.frames, desc=what, unit="f",
+                      disable=quiet, leave=False)
+        for frame in renderer.render(frames, lambda f: plan.get(f, [])):
+            writer.write(frame)
+
+
 def _encode_settings(settings: dict) -> EncodeSettings:
     e = settings["encode"]
     return EncodeSettings(codec=e["codec"], crf=int(e["crf"]), preset=e["preset"],
@@ -129,14 +148,7 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
                                   "created": _now()})
     ring.save()
 
-    engine = _engine(model, settings)
-    renderer = FrameRenderer(spec, oval_mask(spec), float(settings["faces"]["feather"]),
-                             engine.anonymize, keys, engine.settings.batch_size)
-    with VideoWriter(output, info, _encode_settings(settings), audio_from=inp) as writer:
-        frames = tqdm(read_frames(inp), total=info.frames, desc="anonymize", unit="f",
-                      disable=quiet, leave=False)
-        for frame in renderer.render(frames, lambda f: plan.get(f, [])):
-            writer.write(frame)
+    _render(inp, output, info, model, settings, keys, plan, "anonymize", quiet)
 
     doc = _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
                          key_track)
@@ -223,7 +235,6 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
     model = load_model(model_name or doc["model"]["name"], device=dev)
     if doc["model"]["weights_sha256"] not in ("random", model.spec.weights_sha256):
         raise VidanonError("the model's weights differ from those used to anonymize this video")
-    spec = model.spec
     plan: dict[int, list[FaceJob]] = {}
     for tid in keys:
         for rec in sidecar.track_entry(doc, tid)["frames"]:
@@ -232,12 +243,5 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
                 plan.setdefault(int(rec["f"]), []).append(FaceJob(tid, m, "diffusion"))
 
     output = Path(output) if output else video.with_name(video.stem + ".recovered.mp4")
-    engine = _engine(model, settings)
-    renderer = FrameRenderer(spec, oval_mask(spec), float(settings["faces"]["feather"]),
-                             engine.recover, keys, engine.settings.batch_size)
-    with VideoWriter(output, info, _encode_settings(settings), audio_from=video) as writer:
-        frames = tqdm(read_frames(video), total=info.frames, desc="recover", unit="f",
-                      disable=quiet, leave=False)
-        for frame in renderer.render(frames, lambda f: plan.get(f, [])):
-            writer.write(frame)
+    _render(video, output, info, model, settings, keys, plan, "recover", quiet)
     return output

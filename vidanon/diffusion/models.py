@@ -185,9 +185,7 @@ def load_hub(repo_id: str) -> FaceModel:
     return load_folder(Path(local), name=repo_id)
 
 
-def tiny_pixel(seed: int = 0, size: int = 32) -> FaceModel:
-    """A small random pixel-space UNet: same code path as real models, for tests."""
-    torch.manual_seed(seed)
+def _tiny_unet(size: int) -> UNet2DModel:
     unet = UNet2DModel(
         sample_size=size,
         block_out_channels=(16, 32),
@@ -198,6 +196,19 @@ def tiny_pixel(seed: int = 0, size: int = 32) -> FaceModel:
         attention_head_dim=8,
     )
     _shrink_output(unet)
+    return unet
+
+
+def _ldm_scheduler() -> DDIMScheduler:
+    """The noise schedule of CompVis/ldm-celebahq-256 (scaled-linear betas 0.0015..0.0195)."""
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                         beta_start=0.0015, beta_end=0.0195, clip_sample=False)
+
+
+def tiny_pixel(seed: int = 0, size: int = 32) -> FaceModel:
+    """A small random pixel-space UNet: same code path as real models, for tests."""
+    torch.manual_seed(seed)
+    unet = _tiny_unet(size)
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     spec = _spec_for(f"tiny-pixel-{seed}", unet, None, _bundled_meta(), _hash_state(unet))
     return FaceModel(unet, sched, spec)
@@ -215,20 +226,8 @@ def tiny_latent(seed: int = 0, size: int = 32) -> FaceModel:
         norm_num_groups=8,
         layers_per_block=1,
     )
-    unet = UNet2DModel(
-        sample_size=size // 2,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    )
-    _shrink_output(unet)
-    sched = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
-        beta_end=0.0195, clip_sample=False,
-    )
+    unet = _tiny_unet(size // 2)
+    sched = _ldm_scheduler()
     h = hashlib.sha256((_hash_state(unet) + _hash_state(vae)).encode()).hexdigest()
     spec = _spec_for(f"tiny-latent-{seed}", unet, vae, {}, h)
     return FaceModel(unet, sched, spec, vae)
@@ -255,10 +254,7 @@ def celebahq_shaped(seed: int = 0) -> FaceModel:
         num_vq_embeddings=8192,
         layers_per_block=2,
     )
-    sched = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015,
-        beta_end=0.0195, clip_sample=False,
-    )
+    sched = _ldm_scheduler()
     spec = _spec_for("ldm-celebahq-256-shaped(random)", unet, vae, {}, "random")
     return FaceModel(unet, sched, spec, vae)
 
