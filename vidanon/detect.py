@@ -14,6 +14,9 @@ import cv2
 import numpy as np
 import supervision as sv
 
+# OpenCV's DNN engine warns on every model load that it ignores target hints; silence it.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
 YUNET_PATH = Path(__file__).resolve().parent / "assets" / "face_detection_yunet_2023mar.onnx"
 
 

@@ -17,8 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
+from diffusers.utils import logging as diffusers_logging
 
 from vidanon.errors import VidanonError
+
+# diffusers' load-time advice (accelerate, dtype casts) is noise in a CLI's output.
+diffusers_logging.set_verbosity_error()
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "prior" / "weights"
 BUNDLED_NAME = "vidanon/face-prior-64"
