@@ -35,6 +35,7 @@ class EngineSettings:
     refine: int = 2  # fixed-point iterations per inversion step (0 = plain DDIM inversion)
     batch_size: int = 32
     fill_sigma: float = 0.12  # background fill blur, as a fraction of the crop side
+    compile: bool = False  # torch.compile the UNet (CUDA only; pays off on long videos)
 
 
 def _gauss_kernel(sigma: float, device, dtype) -> torch.Tensor:
@@ -73,6 +74,8 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.ddim = DDIM(model.scheduler, self.settings.steps)
         self._flip_cache: dict[str, torch.Tensor] = {}
+        if self.settings.compile and model.device.type == "cuda":
+            model.unet = torch.compile(model.unet)
 
     # -- public API -------------------------------------------------------------------------
 
