@@ -234,3 +234,11 @@ def test_link_identities_shares_keys_between_non_overlapping_tracks():
     b = tr(3, 59, near(59, 321, 42))  # the first person again, later
     mapping = link_tracks(clip, [a, c, b])
     assert mapping == {1: 1, 2: 2, 3: 1}
+
+
+def test_doctor_reports_versions_and_models():
+    r = runner.invoke(app, ["doctor"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["h264_encoder"] is True and info["detector"].endswith(".onnx")
+    assert info["torch"] and info["pyav"]

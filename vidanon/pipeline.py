@@ -222,7 +222,9 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
                                        f"not job {doc['job_id']} track {tid}")
         elif keyring_path is not None:
             ring = Keyring.open(keyring_path, passphrase=passphrase)
-            key = track_key(ring.master(doc["job_id"]), doc["job_id"], kt)
+            master = ring.master(doc["job_id"])
+            sidecar.verify(doc, master=master)
+            key = track_key(master, doc["job_id"], kt)
         else:
             raise KeyMaterialError("give --keyring or --key-file")
         if key.id != entry["key_id"]:
