@@ -222,6 +222,20 @@ def _normalise_rotation(degrees: int) -> int:
     return int(round(degrees / 90.0)) * 90 % 360
 
 
+def _open_video(path: Path) -> tuple[av.container.InputContainer, av.VideoStream]:
+    """Open ``path`` and its video stream, refusing a file whose frame index is cut short."""
+    container = _open_input(path)
+    try:
+        stream = _video_stream(container, path)
+        truncated = _truncation(stream, path)
+        if truncated:
+            raise _read_error(path, truncated)
+    except BaseException:
+        container.close()
+        raise
+    return container, stream
+
+
 def probe(path: str | os.PathLike[str]) -> VideoInfo:
     """Measure a video by demuxing every video packet (no full decode) and decoding one frame.
 
@@ -230,12 +244,8 @@ def probe(path: str | os.PathLike[str]) -> VideoInfo:
     and gives the true picture size and display rotation.
     """
     path = Path(path)
-    container = _open_input(path)
+    container, stream = _open_video(path)
     with container:
-        stream = _video_stream(container, path)
-        truncated = _truncation(stream, path)
-        if truncated:
-            raise _read_error(path, truncated)
         stream.thread_type = "SLICE"  # frame threading would delay the first frame
         first: av.VideoFrame | None = None
         pts_list: list[int] = []
@@ -321,12 +331,8 @@ def read_frames(path: str | os.PathLike[str], start: int = 0) -> Iterator[Frame]
     if start < 0:
         raise ValueError("start must be >= 0")
     path = Path(path)
-    container = _open_input(path)
+    container, stream = _open_video(path)
     with container:
-        stream = _video_stream(container, path)
-        truncated = _truncation(stream, path)
-        if truncated:
-            raise _read_error(path, truncated)
         stream.thread_type = "AUTO"
         time_base = Fraction(stream.time_base or 1)
         reached = [0]
