@@ -54,8 +54,8 @@ CLIPS = [
 ]
 # name -> (scale, score threshold); "cctv" is also the GT detector.
 CONFIGS = {
-    "default (s1.0 t0.6)": (1.0, 0.6),
-    "s1.0 t0.5": (1.0, 0.5),
+    "s1.0 t0.6": (1.0, 0.6),
+    "default (s1.0 t0.5)": (1.0, 0.5),
     "cctv (s2.0 t0.5)": (2.0, 0.5),
     "s0.5 t0.6": (0.5, 0.6),
 }
