@@ -16,7 +16,7 @@ import os
 from benchmarks._common import RESULTS, ROOT, cpu_model, git_commit
 
 DOC = ROOT / "docs" / "benchmarks.md"
-SECTIONS = ["detect", "speed", "recovery", "temporal"]
+SECTIONS = ["detect", "speed", "recovery", "temporal", "steps"]
 
 QUALITY_PLACEHOLDER = """## Quality
 
