@@ -29,8 +29,9 @@ def header() -> str:
     runs = []
     for name in SECTIONS:
         js = RESULTS / f"{name}.json"
-        if js.exists():
-            m = json.loads(js.read_text()).get("machine", {})
+        doc = json.loads(js.read_text()) if js.exists() else None
+        if isinstance(doc, dict) and "machine" in doc:  # the CPU speed/detect runs record it
+            m = doc["machine"]
             runs.append(f"`{name}`: commit {m.get('commit')}, {m.get('date')}, load "
                         f"{m.get('loadavg_start')} -> {m.get('loadavg_end')}")
     today = _dt.date.today().isoformat()
@@ -40,8 +41,10 @@ def header() -> str:
         f"Commit `{git_commit()}`, CPU `{cpu_model()}` ({os.cpu_count()} cores visible), "
         f"assembled {today}. Runs: " + "; ".join(runs) + ".",
         "",
-        "Reproduce: `python -m benchmarks.detect`, `python -m benchmarks.speed`, then "
-        "`python -m benchmarks.report`. Raw numbers: `benchmarks/results/*.json`.",
+        "Reproduce: `python -m benchmarks.<name>` for detect, speed, recovery, temporal, steps "
+        "and quality (and gpu_engine on a GPU), then `python -m benchmarks.report`. Raw "
+        "numbers: `benchmarks/results/*.json`. Quality, recovery, temporal and steps were run "
+        "on the provisional CPU-trained prior (see its model card) at the same commit.",
         "",
         "**Caveats.** CPU only: no GPU was available for this session, so GPU numbers are "
         "pending; the H100 figures below are a compute-limit derivation, not a measurement. "
