@@ -28,7 +28,7 @@ def test_gap_fill_interpolates_and_padding_holds_pose():
         tr.boxes[f] = np.array([x, 0, x + 10, 10.0])
     fill_gaps(tr, max_gap=5)
     assert np.allclose(tr.landmarks[12], 20.0)
-    pad_track(tr, 2, n_frames=15)
+    pad_track(tr, 2, 0, 15)
     assert sorted(tr.landmarks) == list(range(8, 15))
     assert np.allclose(tr.landmarks[8], 0.0)
     long_gap = Track(2)
@@ -69,3 +69,25 @@ def test_similarity_is_exact_for_a_similarity_and_paste_inverts_warp():
     out = frame.copy()
     paste(out, np.zeros_like(crop), m, paste_alpha(spec, 0.06))
     assert (out != frame).any() and out[0, 0].tolist() == frame[0, 0].tolist()
+
+
+def test_tracks_do_not_continue_across_a_scene_cut():
+    trk = FaceTracker(fps=30, threshold=0.5)
+    for f in range(4):
+        if f == 2:
+            trk.new_shot(f)
+        trk.update(f, _det(100))  # same place before and after the cut: another person
+    tracks = trk.finish(4, max_gap=3, pad=0, smooth=0)
+    assert [sorted(t.landmarks) for t in tracks] == [[0, 1], [2, 3]]
+
+
+def test_scene_cut_in_the_sample_splits_tracks():
+    from pathlib import Path
+
+    from vidanon.media import probe
+    from vidanon.pipeline import detect_and_track
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "crowd.mp4"
+    tracks = detect_and_track(sample, probe(sample), load_settings(), quiet=True)
+    # The sample cuts from a speaker to the audience at frame 26: no track spans it.
+    assert tracks and all(t.last < 26 or t.first >= 26 for t in tracks)

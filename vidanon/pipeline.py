@@ -64,13 +64,27 @@ def _round_matrix(m: np.ndarray) -> np.ndarray:
     return np.round(m, 6)
 
 
+def shot_signature(image: np.ndarray) -> np.ndarray:
+    """A 64x36 grey thumbnail; its mean absolute change between frames marks scene cuts."""
+    import cv2
+
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    return cv2.resize(grey, (64, 36), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
 def detect_and_track(inp: Path, info, settings: dict, quiet: bool) -> list[Track]:
     det = settings["detect"]
     trk = settings["track"]
     detector = make_detector(score_threshold=det["score_threshold"], scale=det["scale"])
     tracker = FaceTracker(float(info.fps), trk["lost_buffer_s"], det["score_threshold"])
+    cut = float(trk.get("cut_threshold", 0))
+    prev = None
     for frame in tqdm(read_frames(inp), total=info.frames, desc="detect+track", unit="f",
                       disable=quiet, leave=False):
+        sig = shot_signature(frame.image)
+        if cut > 0 and prev is not None and float(np.abs(sig - prev).mean()) > cut:
+            tracker.new_shot(frame.index)
+        prev = sig
         tracker.update(frame.index, detector(frame.image))
     return tracker.finish(info.frames, trk["max_gap"], trk["pad"], trk["smooth"])
 

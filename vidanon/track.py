@@ -47,15 +47,26 @@ class FaceTracker:
     """Feed detections frame by frame with ``update``; ``finish`` returns clean tracks."""
 
     def __init__(self, fps: float, lost_buffer_s: float = 1.0, threshold: float = 0.6) -> None:
-        self._bt = ByteTrackTracker(
+        self._bt_args = dict(
             lost_track_buffer=max(1, round(lost_buffer_s * fps)),
             frame_rate=fps,
             track_activation_threshold=threshold,
             minimum_consecutive_frames=1,
             high_conf_det_threshold=threshold,
         )
+        self._bt = ByteTrackTracker(**self._bt_args)
         self._tracks: dict[int, Track] = {}
-        self._orphans: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._orphans: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+        self._shot = 0  # tracks never continue across a shot cut
+        self._shot_of: dict[int, int] = {}
+        self._cuts: list[int] = []  # first frame of each shot after the first
+
+    def new_shot(self, frame_index: int) -> None:
+        """Start afresh after a scene cut: IoU matching across a cut would hand one person's
+        track (and key) to whoever appears at the same place in the next shot."""
+        self._bt = ByteTrackTracker(**self._bt_args)
+        self._shot += 1
+        self._cuts.append(frame_index)
 
     def update(self, frame_index: int, dets: sv.Detections) -> None:
         if len(dets) == 0:
@@ -66,25 +77,29 @@ class FaceTracker:
         for i in range(len(out)):
             tid = int(out.tracker_id[i])
             if tid < 0:
-                self._orphans.append((frame_index, out.xyxy[i].copy(), lms[i].copy()))
+                self._orphans.append((frame_index, self._shot, out.xyxy[i].copy(),
+                                      lms[i].copy()))
                 continue
+            tid += self._shot * 1_000_000  # ids restart per tracker; keep shots apart
             tr = self._tracks.setdefault(tid, Track(tid))
+            self._shot_of[tid] = self._shot
             tr.landmarks[frame_index] = lms[i].astype(np.float64)
             tr.boxes[frame_index] = out.xyxy[i].astype(np.float64)
             tr.detected.add(frame_index)
 
     def _adopt_orphans(self) -> None:
         next_id = max(self._tracks, default=0) + 1
-        for f, box, lm in self._orphans:
+        for f, shot, box, lm in self._orphans:
             best, best_iou = None, 0.3
             for tr in self._tracks.values():
-                if f in tr.landmarks:
+                if f in tr.landmarks or self._shot_of[tr.id] != shot:
                     continue
                 for g in (f + 1, f - 1):
                     if g in tr.boxes and (iou := _iou(tr.boxes[g], box)) > best_iou:
                         best, best_iou = tr, iou
             if best is None:
                 best = self._tracks.setdefault(next_id, Track(next_id))
+                self._shot_of[next_id] = shot
                 next_id += 1
             best.landmarks[f] = lm.astype(np.float64)
             best.boxes[f] = box.astype(np.float64)
@@ -100,7 +115,9 @@ class FaceTracker:
         for new_id, tr in enumerate(tracks, start=1):
             fill_gaps(tr, max_gap)
             smooth_track(tr, smooth)
-            pad_track(tr, pad, n_frames)
+            bounds = [0, *self._cuts, n_frames]
+            shot = self._shot_of[tr.id]
+            pad_track(tr, pad, bounds[shot], bounds[shot + 1])
             tr.id = new_id
             result.append(tr)
         return result
@@ -142,13 +159,14 @@ def smooth_track(tr: Track, window: int) -> None:
             tr.landmarks[f] = v
 
 
-def pad_track(tr: Track, pad: int, n_frames: int) -> None:
-    """Hold the first/last pose for ``pad`` frames: detectors tend to pick faces up late."""
+def pad_track(tr: Track, pad: int, start: int, end: int) -> None:
+    """Hold the first/last pose for ``pad`` frames within [start, end) (the track's shot):
+    detectors tend to pick faces up late."""
     first, last = tr.first, tr.last
-    for f in range(max(0, first - pad), first):
+    for f in range(max(start, first - pad), first):
         tr.landmarks[f] = tr.landmarks[first]
         tr.boxes[f] = tr.boxes[first]
-    for f in range(last + 1, min(n_frames, last + pad + 1)):
+    for f in range(last + 1, min(end, last + pad + 1)):
         tr.landmarks[f] = tr.landmarks[last]
         tr.boxes[f] = tr.boxes[last]
 
