@@ -27,10 +27,10 @@ from vidanon.detect import make_detector
 from vidanon.diffusion.engine import Engine, EngineSettings
 from vidanon.diffusion.models import FaceModel, load_model
 from vidanon.errors import KeyMaterialError, SidecarError, VidanonError
-from vidanon.keys import Key, Keyring, new_job_id, track_key
+from vidanon.keys import Key, Keyring, new_job_id, read_track_key, track_key
 from vidanon.media import EncodeSettings, VideoWriter, probe, read_frames
 from vidanon.render import FaceJob, FrameRenderer
-from vidanon.track import FaceTracker, Track
+from vidanon.track import FaceTracker, SceneCuts, Track
 
 log = logging.getLogger("vidanon")
 
@@ -64,27 +64,16 @@ def _round_matrix(m: np.ndarray) -> np.ndarray:
     return np.round(m, 6)
 
 
-def shot_signature(image: np.ndarray) -> np.ndarray:
-    """A 64x36 grey thumbnail; its mean absolute change between frames marks scene cuts."""
-    import cv2
-
-    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    return cv2.resize(grey, (64, 36), interpolation=cv2.INTER_AREA).astype(np.float32)
-
-
 def detect_and_track(inp: Path, info, settings: dict, quiet: bool) -> list[Track]:
     det = settings["detect"]
     trk = settings["track"]
     detector = make_detector(score_threshold=det["score_threshold"], scale=det["scale"])
     tracker = FaceTracker(float(info.fps), trk["lost_buffer_s"], det["score_threshold"])
-    cut = float(trk.get("cut_threshold", 0))
-    prev = None
+    is_cut = SceneCuts(float(trk.get("cut_threshold", 0)))
     for frame in tqdm(read_frames(inp), total=info.frames, desc="detect+track", unit="f",
                       disable=quiet, leave=False):
-        sig = shot_signature(frame.image)
-        if cut > 0 and prev is not None and float(np.abs(sig - prev).mean()) > cut:
+        if is_cut(frame.image):
             tracker.new_shot(frame.index)
-        prev = sig
         tracker.update(frame.index, detector(frame.image))
     return tracker.finish(info.frames, trk["max_gap"], trk["pad"], trk["smooth"])
 
@@ -218,29 +207,31 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
             model_name: str | None = None, device: str = "auto", quiet: bool = False,
             passphrase: str | None = None, sidecar_file: Path | None = None) -> Path:
     """Restore the chosen tracks; every other face stays anonymized."""
-    from vidanon.keys import read_track_key
-
     video = Path(video)
     doc = sidecar.read(sidecar_file or sidecar.sidecar_path(video))
     info = probe(video)
     if sidecar.file_sha256(video) != doc["output"]["sha256"]:
         raise SidecarError(f"{video.name} is not the video this sidecar describes (hash differs)")
+    # Key material is read once (an encrypted keyring costs a scrypt derivation per open).
+    master = file_key = None
+    if key_file is not None:
+        job, ktrack, file_key = read_track_key(key_file, passphrase)
+    elif keyring_path is not None:
+        master = Keyring.open(keyring_path, passphrase=passphrase).master(doc["job_id"])
+        sidecar.verify(doc, master=master)
+    else:
+        raise KeyMaterialError("give --keyring or --key-file")
     keys: dict[int, Key] = {}
     for tid in track_ids:
         entry = sidecar.track_entry(doc, tid)
         kt = int(entry.get("key_track", tid))
-        if key_file is not None:
-            job, ktrack, key = read_track_key(key_file, passphrase)
+        if file_key is not None:
             if job != doc["job_id"] or ktrack != kt:
                 raise KeyMaterialError(f"key file is for job {job} track {ktrack}, "
                                        f"not job {doc['job_id']} track {tid}")
-        elif keyring_path is not None:
-            ring = Keyring.open(keyring_path, passphrase=passphrase)
-            master = ring.master(doc["job_id"])
-            sidecar.verify(doc, master=master)
-            key = track_key(master, doc["job_id"], kt)
+            key = file_key
         else:
-            raise KeyMaterialError("give --keyring or --key-file")
+            key = track_key(master, doc["job_id"], kt)
         if key.id != entry["key_id"]:
             raise KeyMaterialError(f"wrong key for track {tid}: its key id does not match")
         sidecar.verify(doc, tid, key)

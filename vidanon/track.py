@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 import supervision as sv
 from scipy.signal import savgol_filter
@@ -33,6 +34,26 @@ class Track:
     @property
     def last(self) -> int:
         return max(self.landmarks)
+
+
+class SceneCuts:
+    """Callable frame -> True at the first frame of a new shot.
+
+    The mean absolute change of a 64x36 grey thumbnail: under 2 between ordinary frames of the
+    shared clips, about 28 at a cut. A threshold of 0 turns detection off.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self._prev: np.ndarray | None = None
+
+    def __call__(self, image: np.ndarray) -> bool:
+        if self.threshold <= 0:
+            return False
+        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        sig = cv2.resize(grey, (64, 36), interpolation=cv2.INTER_AREA).astype(np.float32)
+        prev, self._prev = self._prev, sig
+        return prev is not None and float(np.abs(sig - prev).mean()) > self.threshold
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
