@@ -86,6 +86,8 @@ def test_regression_against_stored_expectations(done):
     """Per-frame: the same faces found as recorded, background near-lossless, faces replaced."""
     clip, out, _, _ = done
     doc = sidecar.read(sidecar.sidecar_path(out))
+    # the model-dependent default is resolved and recorded, so recovery reuses it
+    assert doc["settings"]["diffusion"]["strength"] == 1.0  # tiny-pixel recommends none
     exp = json.loads(EXPECTED.read_text())
     counts = [0] * 12
     for tr in doc["tracks"]:

@@ -94,7 +94,20 @@ def plan_faces(tracks: list[Track], spec, min_eye_px: float) -> dict[int, list[F
 def _engine(model: FaceModel, settings: dict) -> Engine:
     d = settings["diffusion"]
     return Engine(model, EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
+                                        strength=engine_strength(model, settings),
                                         batch_size=int(d["batch_size"])))
+
+
+def engine_strength(model: FaceModel, settings: dict) -> float:
+    """The configured strength, else the one the model was exported with, else 1.0.
+
+    Stored resolved in the sidecar, so recovery uses the same schedule even if the model's
+    recommendation changes later.
+    """
+    value = settings["diffusion"].get("strength")
+    if value is None:
+        value = model.spec.extra.get("engine", {}).get("strength", 1.0)
+    return float(value)
 
 
 def _render(src: Path, output: Path, info, model: FaceModel, settings: dict,
@@ -131,6 +144,9 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     dev = pick_device(device)
     model = load_model(model_name or settings.get("model"), device=dev)
     spec = model.spec
+    # Resolve the model-dependent default now, so the sidecar records what was actually used.
+    settings = {**settings, "diffusion": {**settings["diffusion"],
+                                          "strength": engine_strength(model, settings)}}
 
     tracks = detect_and_track(inp, info, settings, quiet)
     plan = plan_faces(tracks, spec, float(settings["faces"]["min_eye_px"]))
@@ -238,6 +254,7 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
         keys[tid] = key
 
     settings = doc["settings"]
+    settings["diffusion"].setdefault("strength", 1.0)  # sidecars written before strength existed
     dev = pick_device(device)
     model = load_model(model_name or doc["model"]["name"], device=dev)
     if doc["model"]["weights_sha256"] not in ("random", model.spec.weights_sha256):

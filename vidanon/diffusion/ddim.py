@@ -18,12 +18,16 @@ from diffusers import DDIMScheduler
 class DDIM:
     """Timesteps and the affine DDIM update ``z_{k+1} = c1[k] * z_k + c2[k] * eps``."""
 
-    def __init__(self, scheduler: DDIMScheduler, steps: int) -> None:
+    def __init__(self, scheduler: DDIMScheduler, steps: int, strength: float = 1.0) -> None:
         if steps < 1:
             raise ValueError("steps must be >= 1")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError("strength must be in (0, 1]")
         sched = DDIMScheduler.from_config(scheduler.config)
-        sched.set_timesteps(steps)
-        self.timesteps: list[int] = [int(t) for t in sched.timesteps]
+        # As in diffusers' img2img: lay out steps/strength steps over the whole schedule and
+        # keep the last `steps`, so the noisiest level sits at about strength * T.
+        sched.set_timesteps(max(steps, round(steps / strength)))
+        self.timesteps: list[int] = [int(t) for t in sched.timesteps][-steps:]
         ac = sched.alphas_cumprod.to(torch.float64)
         final = 1.0 if sched.config.set_alpha_to_one else float(ac[0])
         a = [float(ac[t]) for t in self.timesteps] + [final]

@@ -135,12 +135,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--strength", type=float, default=1.0,
+                    help="recommended DDIM strength stored with the model (engine default)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     tmpl = run_template(a.run_dir, a.faces)
     _, meta = load_checkpoint(a.run_dir)
-    dest = export_weights(a.run_dir, a.dest, tmpl["template"], tmpl["face_oval"])
+    dest = export_weights(a.run_dir, a.dest, tmpl["template"], tmpl["face_oval"],
+                          extra_meta={"engine": {"strength": a.strength}})
     model = load_folder(dest)
     spec = model.spec
     print(f"exported step {meta['step']} to {dest} ({spec.name}, crop {spec.crop_size})")
