@@ -1,0 +1,94 @@
+"""Identity models for the benchmarks: MobileFaceNet (ONNX, shipped) and dlib's ResNet.
+
+Two models because a privacy claim that holds for one face recogniser may not hold for
+another. Both embed aligned crops in [-1, 1] (N,3,S,S RGB) and return unit vectors, so
+similarity is a dot product.
+
+Geometry is fixed per face: dlib locates its 5 landmarks on the *original* crop, and the
+anonymized / recovered versions of that face are embedded at the same landmarks. The question
+asked is "is this still the same person", not "can dlib find a face here".
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from vidanon.diffusion.models import ModelSpec, template_points
+from vidanon.identity import FaceEmbedder
+
+DLIB_SIZE = 256  # crops are upscaled to this before dlib; its chips are 150 px
+
+
+def to_uint8_rgb(crops: torch.Tensor) -> np.ndarray:
+    return ((crops.clamp(-1, 1).numpy().transpose(0, 2, 3, 1) + 1) * 127.5 + 0.5).astype(np.uint8)
+
+
+class MobileFaceNetId:
+    name = "MobileFaceNet"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self._emb = FaceEmbedder()
+        self._pts = template_points(spec)
+
+    def prepare(self, originals: torch.Tensor) -> None:
+        return None  # aligned crops: the template points are the landmarks
+
+    def embed(self, crops: torch.Tensor, ctx=None) -> np.ndarray:
+        imgs = to_uint8_rgb(crops)
+        return np.stack([self._emb(np.ascontiguousarray(im[..., ::-1]), self._pts)
+                         for im in imgs])
+
+
+class DlibId:
+    name = "dlib ResNet"
+
+    def __init__(self, spec: ModelSpec) -> None:
+        import dlib
+        import face_recognition_models as frm
+
+        self._dlib = dlib
+        self._det = dlib.get_frontal_face_detector()
+        self._sp = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
+        self._rec = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+
+    def _big(self, crops: torch.Tensor) -> list[np.ndarray]:
+        return [cv2.resize(im, (DLIB_SIZE, DLIB_SIZE), interpolation=cv2.INTER_CUBIC)
+                for im in to_uint8_rgb(crops)]
+
+    def prepare(self, originals: torch.Tensor) -> list:
+        """One dlib landmark set per original crop (HOG box if found, else a fixed box)."""
+        s = DLIB_SIZE
+        fallback = self._dlib.rectangle(int(0.1 * s), int(0.12 * s), int(0.9 * s), int(0.92 * s))
+        shapes = []
+        for im in self._big(originals):
+            boxes = self._det(im, 0)
+            rect = max(boxes, key=lambda r: r.area()) if len(boxes) else fallback
+            shapes.append(self._sp(im, rect))
+        return shapes
+
+    def embed(self, crops: torch.Tensor, shapes: list) -> np.ndarray:
+        out = []
+        for im, shape in zip(self._big(crops), shapes, strict=True):
+            chip = self._dlib.get_face_chip(im, shape, size=150, padding=0.25)
+            e = np.asarray(self._rec.compute_face_descriptor(chip), dtype=np.float64)
+            out.append(e / max(float(np.linalg.norm(e)), 1e-9))
+        return np.stack(out)
+
+
+def identity_models(spec: ModelSpec) -> list:
+    """MobileFaceNet always; dlib when installed (``pip install -e .[bench]``)."""
+    models: list = [MobileFaceNetId(spec)]
+    try:
+        models.append(DlibId(spec))
+    except ImportError as exc:
+        print(f"note: dlib identity model skipped ({exc}); pip install -e '.[bench]'")
+    return models
+
+
+def threshold_at_far(emb: np.ndarray, far: float = 1e-3) -> tuple[float, int]:
+    """Cosine threshold passed by ``far`` of impostor pairs (all pairs of distinct faces)."""
+    sims = emb @ emb.T
+    impostor = sims[np.triu_indices(len(emb), 1)]
+    return float(np.quantile(impostor, 1 - far)), int(len(impostor))
