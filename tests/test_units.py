@@ -1,5 +1,7 @@
 """Small units: settings layering, tracking gap fill/padding/orphans, alignment geometry."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import supervision as sv
@@ -92,3 +94,19 @@ def test_scene_cut_in_the_sample_splits_tracks():
     tracks = detect_and_track(sample, probe(sample), load_settings(), quiet=True)
     # The sample cuts from a speaker to the audience at frame 26: no track spans it.
     assert tracks and all(t.last < 26 or t.first >= 26 for t in tracks)
+
+
+def test_a_fast_camera_swing_is_not_a_scene_cut():
+    from vidanon.media import read_frames
+    from vidanon.track import SceneCuts
+
+    clip = Path(__file__).resolve().parents[2] / "shared" / "videos" / (
+        "walking_single_person_608x1080.mp4")
+    if not clip.exists():
+        pytest.skip("shared clips not present")
+    is_cut = SceneCuts(20.0)
+    # frame 13 changes the grey thumbnail by 27.9 (as much as a real cut), same scene
+    assert not any(is_cut(f.image) for f in read_frames(clip) if f.index < 30)
+    # a hard cut to a differently coloured scene still counts
+    frame = next(iter(read_frames(clip))).image
+    assert is_cut(np.ascontiguousarray(255 - frame[:, :, ::-1]))

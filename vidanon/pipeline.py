@@ -69,7 +69,7 @@ def detect_and_track(inp: Path, info, settings: dict, quiet: bool) -> list[Track
     trk = settings["track"]
     detector = make_detector(score_threshold=det["score_threshold"], scale=det["scale"])
     tracker = FaceTracker(float(info.fps), trk["lost_buffer_s"], det["score_threshold"])
-    is_cut = SceneCuts(float(trk.get("cut_threshold", 0)))
+    is_cut = SceneCuts(float(trk.get("cut_threshold", 0)), float(trk.get("cut_hist", 0.3)))
     for frame in tqdm(read_frames(inp), total=info.frames, desc="detect+track", unit="f",
                       disable=quiet, leave=False):
         if is_cut(frame.image):

@@ -39,21 +39,34 @@ class Track:
 class SceneCuts:
     """Callable frame -> True at the first frame of a new shot.
 
-    The mean absolute change of a 64x36 grey thumbnail: under 2 between ordinary frames of the
-    shared clips, about 28 at a cut. A threshold of 0 turns detection off.
+    Two signals must agree. The mean absolute change of a 64x36 grey thumbnail is under 2
+    between ordinary frames of the shared clips and about 28 at a cut, but a fast camera
+    swing (walking clip, frame 13) also reaches 28. The Bhattacharyya distance between
+    hue/saturation histograms separates them: 0.42-0.61 at the four real cuts, at most 0.15
+    anywhere else in the shared clips. A grey threshold of 0 turns detection off.
     """
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, hist_threshold: float = 0.3) -> None:
         self.threshold = threshold
-        self._prev: np.ndarray | None = None
+        self.hist_threshold = hist_threshold
+        self._prev: tuple[np.ndarray, np.ndarray] | None = None
+
+    @staticmethod
+    def _signature(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        small = cv2.resize(image, (64, 36), interpolation=cv2.INTER_AREA)
+        grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY).astype(np.float32)
+        hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
+        hist = cv2.calcHist([hsv], [0, 1], None, [16, 8], [0, 180, 0, 256])
+        return grey, cv2.normalize(hist, hist).flatten()
 
     def __call__(self, image: np.ndarray) -> bool:
         if self.threshold <= 0:
             return False
-        grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        sig = cv2.resize(grey, (64, 36), interpolation=cv2.INTER_AREA).astype(np.float32)
+        sig = self._signature(image)
         prev, self._prev = self._prev, sig
-        return prev is not None and float(np.abs(sig - prev).mean()) > self.threshold
+        if prev is None or float(np.abs(sig[0] - prev[0]).mean()) <= self.threshold:
+            return False
+        return cv2.compareHist(prev[1], sig[1], cv2.HISTCMP_BHATTACHARYYA) > self.hist_threshold
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
