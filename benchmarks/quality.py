@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = model.spec
     d = settings["diffusion"]
     es = EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
+                        tol=float(d.get("tol", 0.0)),
                         strength=engine_strength(model, settings), batch_size=32)
     eng = Engine(model, es)
 

