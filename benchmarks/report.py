@@ -2,9 +2,9 @@
 
     python -m benchmarks.report
 
-Reads benchmarks/results/{detect,speed}.md (and quality.md if present); the header carries
-the git commit, CPU model and date of this assembly, and each section's JSON keeps the
-machine facts of its own run.
+Reads the sections the benchmarks wrote to benchmarks/results/*.md, puts a headline table
+built from their JSON on top; the header carries the git commit, CPU model and date of this
+assembly, and each section's JSON keeps the machine facts of its own run.
 """
 
 from __future__ import annotations
@@ -16,13 +16,41 @@ import os
 from benchmarks._common import RESULTS, ROOT, cpu_model, git_commit
 
 DOC = ROOT / "docs" / "benchmarks.md"
-SECTIONS = ["detect", "speed", "recovery", "temporal", "steps"]
+SECTIONS = ["quality", "recovery", "temporal", "prior", "steps", "detect", "speed"]
 
-QUALITY_PLACEHOLDER = """## Quality
 
-Pending: the face-set quality protocol (`python -m benchmarks.quality`: identity TAR@FAR=0.1 %
-of anonymized vs original faces, recovery PSNR, wrong / one-bit-off keys, a sign-smoothness
-attack, on held-out faces) is pending a trained prior; no numbers are reported yet."""
+def _load(name: str) -> dict | None:
+    js = RESULTS / f"{name}.json"
+    doc = json.loads(js.read_text()) if js.exists() else None
+    return doc if isinstance(doc, dict) else None
+
+
+def headline() -> str:
+    """The few numbers a reader needs first, each pointing at its section."""
+    rows = []
+    q = _load("quality")
+    if q:
+        for set_name, st in q["sets"].items():
+            c = st["conditions"]
+            for idm in q["identity_models"]:
+                attack = max(v[idm]["above"] for k, v in c.items() if "attack" in k)
+                rows.append([f"{set_name}, {idm}",
+                             f"{100 * c['anonymized'][idm]['above']:.1f} %",
+                             f"{100 * c['recovered (right key)'][idm]['above']:.1f} %",
+                             f"{100 * c['recovered (one bit off)'][idm]['above']:.1f} %",
+                             f"{100 * attack:.1f} %"])
+    lines = ["## Headline", ""]
+    if rows:
+        lines += ["Share of faces that a face recogniser still matches to the original "
+                  "(threshold at FAR 0.1 %; see *Quality*):", "",
+                  "| face set, recogniser | anonymized | recovered, right key | one bit off | "
+                  "best key-free attack |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    p = _load("prior")
+    if p:
+        lines += ["", f"Unconditional samples of the bundled prior with a detected face: "
+                  f"{100 * p['sample_face_rate']:.1f} % (target 90 %; see *Face prior*)."]
+    return "\n".join(lines)
 
 
 def header() -> str:
@@ -41,30 +69,28 @@ def header() -> str:
         f"Commit `{git_commit()}`, CPU `{cpu_model()}` ({os.cpu_count()} cores visible), "
         f"assembled {today}. Runs: " + "; ".join(runs) + ".",
         "",
-        "Reproduce: `python -m benchmarks.<name>` for detect, speed, recovery, temporal, steps "
-        "and quality (and gpu_engine on a GPU), then `python -m benchmarks.report`. Raw "
-        "numbers: `benchmarks/results/*.json`. Quality, recovery, temporal and steps were run "
-        "on the provisional CPU-trained prior (see its model card) at the same commit.",
+        "Reproduce: `python -m benchmarks.<name>` for quality, recovery, temporal, prior, "
+        "steps, detect and speed (and gpu_engine on a GPU), then `python -m benchmarks.report`."
+        " Raw numbers: `benchmarks/results/*.json`. Quality, recovery, temporal, prior and "
+        "steps use the bundled CPU-trained prior (see its model card) and the default preset.",
         "",
-        "**Caveats.** CPU only: no GPU was available for this session, so GPU numbers are "
-        "pending; the H100 figures below are a compute-limit derivation, not a measurement. "
-        "The CPU is shared with a background training process that keeps about one of the two "
-        "cores busy, so timings are contended and noisy; each carries `nproc` and the 1-minute "
-        "load average before/after it, and torch/OpenCV are pinned to one thread for stability.",
+        "**Caveats.** CPU only: no GPU has been lent to this project's sessions yet, so GPU "
+        "numbers are pending; the H100 figures below are a compute-limit derivation, not a "
+        "measurement. The 2-core CPU ran two benchmarks at a time with one torch thread each, "
+        "so timings are per core and pessimistic; each timing carries `nproc` and the 1-minute "
+        "load average.",
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parts = [header()]
+    parts = [header(), headline()]
     for name in SECTIONS:
         md = RESULTS / f"{name}.md"
         if md.exists():
             parts.append(md.read_text().strip())
         else:
             parts.append(f"## {name}\n\nNot run yet (`python -m benchmarks.{name}`).")
-    q = RESULTS / "quality.md"
-    parts.append(q.read_text().strip() if q.exists() else QUALITY_PLACEHOLDER)
     DOC.write_text("\n\n".join(parts) + "\n")
     print(f"wrote {DOC}")
 
