@@ -71,12 +71,13 @@ def fmt_load(rec: dict) -> str:
     return f"{rec['load_before'][0]:.1f}/{rec['load_after'][0]:.1f}"
 
 
-def write_results(name: str, data: dict, markdown: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str | Path, data: dict, markdown: str) -> tuple[Path, Path]:
+    """``name`` (in benchmarks/results) or a ``.json`` path: writes it and the ``.md`` beside."""
+    js = Path(name) if str(name).endswith(".json") else RESULTS / f"{name}.json"
+    js.parent.mkdir(parents=True, exist_ok=True)
     data.setdefault("machine", machine())
     data["machine"]["loadavg_end"] = load()
-    js = RESULTS / f"{name}.json"
-    md = RESULTS / f"{name}.md"
+    md = js.with_suffix(".md")
     js.write_text(json.dumps(data, indent=1) + "\n")
     md.write_text(markdown.rstrip() + "\n")
     return js, md

@@ -11,14 +11,13 @@ resolution is the ceiling. Writes benchmarks/results/prior.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from benchmarks._common import machine
+from benchmarks._common import machine, write_results
 from benchmarks.quality import FACES
 from vidanon.diffusion.models import BUNDLED_DIR, load_model
 from vidanon.prior.data import load_dataset, split_indices
@@ -62,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_face_rate": round(face_rate(faces[held][: a.n]), 4),
         "sample_s_per_image_cpu": round(t_sample / a.n, 3),
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(r, indent=1))
-    a.out.with_suffix(".md").write_text(markdown(r))
+    write_results(a.out, r, markdown(r))
     print(markdown(r))
     return r
 

@@ -22,14 +22,13 @@ benchmarks/results/quality.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks._common import VIDEOS, machine
+from benchmarks._common import VIDEOS, machine, write_results
 from benchmarks._identity import identity_models, threshold_at_far
 from vidanon.align import crop_transform, oval_mask, to_tensor_batch, transform_scale, warp_crop
 from vidanon.config import load_settings
@@ -227,9 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         "identity_models": identity,
         "sets": sets,
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=1))
-    a.out.with_suffix(".md").write_text(markdown(result))
+    write_results(a.out, result, markdown(result))
     print(markdown(result))
     return result
 
