@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": a.config or "default",
         "steps": es.steps, "refine": es.refine, "strength": es.strength,
         "unet_calls_per_crop": eng.unet_calls_per_crop,
+        "mean_unet_calls_per_crop": round(eng.mean_unet_calls_per_crop, 1),
         "identity_models": identity,
         "sets": sets,
     }
@@ -240,7 +241,8 @@ def markdown(r: dict) -> str:
         "",
         f"`python -m benchmarks.quality --config {r['config']}`: model `{r['model']}` (weights "
         f"`{r['weights_sha256'][:12]}`), {r['steps']} DDIM steps, refine {r['refine']}, "
-        f"strength {r['strength']}, {r['unet_calls_per_crop']} UNet calls per crop; commit "
+        f"strength {r['strength']}, at most {r['unet_calls_per_crop']} UNet calls per crop "
+        f"(mean {r.get('mean_unet_calls_per_crop', '?')} over all transforms); commit "
         f"`{r['machine']['commit']}`, {r['machine']['cpu']}. Thresholds at FAR 0.1 % over "
         f"impostor pairs of held-out faces: {thr}. *Above* = share of faces whose similarity "
         "to their own original passes the threshold: lower is better for anonymized, "
