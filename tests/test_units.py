@@ -18,6 +18,9 @@ def test_presets_layer_and_overrides_are_checked():
     assert s["detect"]["scale"] == 2.0 and s["diffusion"]["steps"] == 3
     assert s["encode"]["lossless"] is True and s["diffusion"]["refine"] == 12
     assert s["diffusion"]["strength"] is None  # resolved from the model at run time
+    # recoverable (lossless) by default; the publish preset trades that for small files
+    assert load_settings()["encode"]["lossless"] is True
+    assert load_settings("publish")["encode"]["lossless"] is False
     with pytest.raises(VidanonError, match="unknown setting"):
         load_settings(None, ["diffusion.stpes=3"])
     with pytest.raises(VidanonError, match="no preset"):

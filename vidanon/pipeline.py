@@ -133,7 +133,7 @@ def _render(src: Path, output: Path, info, model: FaceModel, settings: dict,
 def _encode_settings(settings: dict) -> EncodeSettings:
     e = settings["encode"]
     return EncodeSettings(codec=e["codec"], crf=int(e["crf"]), preset=e["preset"],
-                          lossless=bool(e["lossless"]))
+                          lossless=bool(e["lossless"]), pix_fmt=e.get("pix_fmt", "yuv420p"))
 
 
 def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
