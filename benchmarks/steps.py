@@ -1,6 +1,6 @@
 """Quality against DDIM steps: identity metrics and cost, so users can pick the trade-off.
 
-    python -m benchmarks.steps [--n 32] [--steps 4 8 16] [--refine 3]
+    python -m benchmarks.steps [--n 32] [--steps 4 8 16] [--refine 12]
 
 Runs the face-set protocol (benchmarks.quality) at each step count and plots mean identity
 cosine (anonymized, recovered, wrong key) and TAR@FAR=0.1 % of recovery against steps.
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--refine", type=int, default=3)
+    ap.add_argument("--refine", type=int, default=12)
     ap.add_argument("--model", default=None)
     a = ap.parse_args(argv)
     runs: list[dict] = []
