@@ -1,10 +1,11 @@
-"""Recovery through the codec: run -> recover one track, at the default CRF and lossless.
+"""Recovery through the codec: run -> recover one track, lossless (default) and H.264.
 
     python -m benchmarks.recovery [--frames 24] [--config default]
 
 Cuts the first frames of samples/crowd.mp4 (one large face), anonymizes them, recovers the
 largest track with its key, and measures PSNR of that track's face region against the
-original: anonymized vs recovered, for the lossless default, H.264 CRF 12 and CRF 18; and the share of the track's frames whose recovered face passes the MobileFaceNet
+original: anonymized vs recovered, for the lossless default, H.264 CRF 12 and CRF 18; and
+the share of the track's frames whose recovered face passes the MobileFaceNet
 same-person threshold (FAR 0.1 %, from benchmarks/results/quality.json) against the original.
 Writes benchmarks/results/recovery.{json,md}.
 """

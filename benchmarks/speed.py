@@ -432,10 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
     skip = set(filter(None, a.skip.split(",")))
     data: dict = {"machine": machine()}
     have_bundled = bundled_available()
-    if "engine" not in skip:
-        print("(a) engine", flush=True)
-        data["engine"] = bench_engine(["tiny-pixel"] + (["bundled"] if have_bundled else [])
-                                      + ["celebahq"])
+    # Children first: Linux keeps a parent's RSS high-water mark in a child's ru_maxrss, so
+    # they must start before the engine section loads the large models.
     if "pipeline" not in skip:
         name = a.pipeline_model or ("bundled" if have_bundled else "tiny-pixel")
         print(f"(b) pipeline with {name}", flush=True)
@@ -445,6 +443,10 @@ def main(argv: list[str] | None = None) -> dict:
         print("(c) memory", flush=True)
         data["memory"] = [_child(["memory", str(n)], a.threads) for n in (100, 300)]
         print("  peaks MB", [round(r["peak_rss_mb"]) for r in data["memory"]], flush=True)
+    if "engine" not in skip:
+        print("(a) engine", flush=True)
+        data["engine"] = bench_engine(["tiny-pixel"] + (["bundled"] if have_bundled else [])
+                                      + ["celebahq"])
     if "flops" not in skip:
         print("(d) flops", flush=True)
         data["flops"] = bench_flops(data.get("engine", {}).get("calls_per_crop"))
