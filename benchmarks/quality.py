@@ -32,11 +32,11 @@ from benchmarks._common import VIDEOS, machine, write_results
 from benchmarks._identity import identity_models, threshold_at_far
 from vidanon.align import crop_transform, oval_mask, to_tensor_batch, transform_scale, warp_crop
 from vidanon.config import load_settings
-from vidanon.diffusion.engine import Engine, EngineSettings, _blur, background_fill, psnr
+from vidanon.diffusion.engine import Engine, _blur, background_fill, psnr
 from vidanon.diffusion.models import ModelSpec, load_model
 from vidanon.keys import Key
 from vidanon.media import probe, read_frames
-from vidanon.pipeline import detect_and_track, engine_strength
+from vidanon.pipeline import detect_and_track, engine_settings
 from vidanon.prior.data import load_dataset, split_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,9 +124,19 @@ def video_faces(spec: ModelSpec, settings: dict, per_track: int, max_tracks: int
     return to_tensor_batch(crops), groups
 
 
+def references(ids: list, x: torch.Tensor) -> dict:
+    """Per identity model: (its per-face context, the originals' embeddings)."""
+    out = {}
+    for idm in ids:
+        ctx = idm.prepare(x)
+        out[idm.name] = (ctx, idm.embed(x, ctx))
+    return out
+
+
 def evaluate(eng: Engine, x: torch.Tensor, ids: list, refs: dict, thresholds: dict,
              seed: int = 0) -> dict:
-    """All conditions for one face set: similarity of each output to its own original."""
+    """All conditions for one face set: similarity of each output to its own original
+    (``refs`` as made by ``references`` for ``x``)."""
     masks = torch.from_numpy(oval_mask(eng.model.spec))[None, None].repeat(len(x), 1, 1, 1)
     rng = np.random.default_rng(seed)
     keys = [Key(rng.bytes(16)) for _ in range(len(x))]
@@ -148,12 +158,11 @@ def evaluate(eng: Engine, x: torch.Tensor, ids: list, refs: dict, thresholds: di
     for name, y in out.items():
         row: dict = {}
         for idm in ids:
-            e0 = refs[idm.name]
+            ctx, e0 = refs[idm.name]
             if isinstance(y, tuple):  # the attack's two global-sign candidates: keep the better
-                cos = np.maximum(*[np.sum(idm.embed(c, refs[idm.name + ":ctx"]) * e0, axis=1)
-                                   for c in y])
+                cos = np.maximum(*[np.sum(idm.embed(c, ctx) * e0, axis=1) for c in y])
             else:
-                cos = np.sum(idm.embed(y, refs[idm.name + ":ctx"]) * e0, axis=1)
+                cos = np.sum(idm.embed(y, ctx) * e0, axis=1)
             row[idm.name] = {"mean_cos": round(float(cos.mean()), 4),
                              "above": round(float((cos >= thresholds[idm.name]).mean()), 4)}
         yy = y[0] if isinstance(y, tuple) else y
@@ -177,42 +186,34 @@ def main(argv: list[str] | None = None) -> dict:
     settings = load_settings(a.config, a.overrides)
     model = load_model(a.model or settings.get("model"), device="cpu")
     spec = model.spec
-    d = settings["diffusion"]
-    es = EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
-                        tol=float(d.get("tol", 0.0)),
-                        strength=engine_strength(model, settings), batch_size=32)
+    es = engine_settings(model, settings)
     eng = Engine(model, es)
 
     ids = identity_models(spec)
     x_all = heldout_faces(spec)
+    refs_all = references(ids, x_all)
     thresholds, identity = {}, {}
     for idm in ids:
-        emb = idm.embed(x_all, idm.prepare(x_all))
-        thresholds[idm.name], pairs = threshold_at_far(emb)
+        thresholds[idm.name], pairs = threshold_at_far(refs_all[idm.name][1])
         identity[idm.name] = {"threshold_far_0.1pct": round(thresholds[idm.name], 4),
                               "impostor_pairs": pairs}
 
     sets = {}
-    x = x_all[: a.n]
-    refs = {}
-    for idm in ids:
-        refs[idm.name + ":ctx"] = idm.prepare(x)
-        refs[idm.name] = idm.embed(x, refs[idm.name + ":ctx"])
-    sets["utkface-heldout"] = evaluate(eng, x, ids, refs, thresholds)
+    refs = {name: (None if ctx is None else ctx[: a.n], emb[: a.n])
+            for name, (ctx, emb) in refs_all.items()}
+    sets["utkface-heldout"] = evaluate(eng, x_all[: a.n], ids, refs, thresholds)
     if a.video_faces:
         xv, groups = video_faces(spec, settings, a.video_faces)
-        refs = {}
-        for idm in ids:
-            refs[idm.name + ":ctx"] = idm.prepare(xv)
-            refs[idm.name] = idm.embed(xv, refs[idm.name + ":ctx"])
+        refs = references(ids, xv)
         r = evaluate(eng, xv, ids, refs, thresholds)
         g = np.asarray(groups)
         iu = np.triu_indices(len(xv), 1)
         genuine = (g[:, None] == g[None, :])[iu]
         r["tracks"] = len(set(groups))
         r["genuine_pairs"] = int(genuine.sum())
-        r["clean_tar"] = {idm.name: round(float(((refs[idm.name] @ refs[idm.name].T)[iu][genuine]
-                                                  >= thresholds[idm.name]).mean()), 4)
+        r["clean_tar"] = {idm.name: round(float(((refs[idm.name][1] @ refs[idm.name][1].T)
+                                                  [iu][genuine] >= thresholds[idm.name]).mean()),
+                                          4)
                           for idm in ids}
         sets["video-tracks"] = r
 

@@ -106,20 +106,18 @@ def measured_calls(steps_list=STEP_COUNTS, n: int = 8) -> dict[int, float]:
     from benchmarks.quality import heldout_faces
     from vidanon.align import oval_mask
     from vidanon.config import load_settings
-    from vidanon.diffusion.engine import Engine, EngineSettings
+    from vidanon.diffusion.engine import Engine
     from vidanon.keys import Key
-    from vidanon.pipeline import engine_strength
+    from vidanon.pipeline import engine_settings
 
     model = _model("bundled")
-    d = load_settings()["diffusion"]
+    base = engine_settings(model, load_settings())
     x = heldout_faces(model.spec)[:n]
     m = torch.from_numpy(oval_mask(model.spec))[None, None].repeat(n, 1, 1, 1)
     keys = [Key(np.random.default_rng(i).bytes(16)) for i in range(n)]
     out = {}
     for steps in steps_list:
-        eng = Engine(model, EngineSettings(steps=steps, refine=int(d["refine"]),
-                                           tol=float(d["tol"]), batch_size=n,
-                                           strength=engine_strength(model, load_settings())))
+        eng = Engine(model, dataclasses.replace(base, steps=steps, batch_size=n))
         eng.anonymize(x, m, keys)
         out[steps] = eng.mean_unet_calls_per_crop
         print(f"  bundled, {steps} steps: {out[steps]:.1f} UNet calls per crop", flush=True)

@@ -91,12 +91,12 @@ def plan_faces(tracks: list[Track], spec, min_eye_px: float) -> dict[int, list[F
     return plan
 
 
-def _engine(model: FaceModel, settings: dict) -> Engine:
+def engine_settings(model: FaceModel, settings: dict) -> EngineSettings:
+    """The engine a preset describes for this model (benchmarks build theirs here too)."""
     d = settings["diffusion"]
-    return Engine(model, EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
-                                        tol=float(d.get("tol", 0.0)),
-                                        strength=engine_strength(model, settings),
-                                        batch_size=int(d["batch_size"])))
+    return EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
+                          tol=float(d.get("tol", 0.0)), strength=engine_strength(model, settings),
+                          batch_size=int(d["batch_size"]))
 
 
 def engine_strength(model: FaceModel, settings: dict) -> float:
@@ -118,7 +118,7 @@ def _render(src: Path, output: Path, info, model: FaceModel, settings: dict,
 
     ``what`` is "anonymize" or "recover"; both are the same keyed transform (an involution).
     """
-    engine = _engine(model, settings)
+    engine = Engine(model, engine_settings(model, settings))
     transform = engine.anonymize if what == "anonymize" else engine.recover
     renderer = FrameRenderer(model.spec, oval_mask(model.spec),
                              float(settings["faces"]["feather"]), transform, keys,
