@@ -20,6 +20,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
 from diffusers.utils import logging as diffusers_logging
 
 from vidanon.errors import VidanonError
+from vidanon.prior.autoencoder import BUNDLED_TAEF2, TinyAutoencoder
+from vidanon.prior.autoencoder import DOWNSCALE as TAE_DOWNSCALE
 
 # diffusers' load-time advice (accelerate, dtype casts) is noise in a CLI's output.
 diffusers_logging.set_verbosity_error()
@@ -92,6 +94,8 @@ class FaceModel(torch.nn.Module):
         """Pixels in [-1, 1] to the space the UNet denoises (identity for pixel models)."""
         if self.vae is None:
             return x
+        if isinstance(self.vae, TinyAutoencoder):
+            return self.vae.encode(x)
         x = x.to(self.vae.dtype)
         if isinstance(self.vae, VQModel):
             z = self.vae.encode(x).latents
@@ -103,6 +107,8 @@ class FaceModel(torch.nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return z
+        if isinstance(self.vae, TinyAutoencoder):
+            return self.vae.decode(z)
         z = (z / self.spec.scaling_factor).to(self.vae.dtype)
         return self.vae.decode(z).sample
 
@@ -135,6 +141,9 @@ def _spec_for(name: str, unet: UNet2DModel, vae, meta: dict, weights_sha: str) -
     if vae is None:
         crop = latent_size
         kind = "pixel"
+    elif isinstance(vae, TinyAutoencoder):
+        crop = latent_size * TAE_DOWNSCALE
+        kind = "latent"
     else:
         crop = latent_size * 2 ** (len(vae.config.block_out_channels) - 1)
         kind = "latent"
@@ -145,10 +154,35 @@ def _spec_for(name: str, unet: UNet2DModel, vae, meta: dict, weights_sha: str) -
         latent_shape=(latent_c, latent_size, latent_size),
         template=meta.get("template", CELEBAHQ_TEMPLATE),
         face_oval=meta.get("face_oval", CELEBAHQ_OVAL),
-        scaling_factor=float(getattr(vae.config, "scaling_factor", 1.0) or 1.0) if vae else 1.0,
+        scaling_factor=_scaling_factor(vae),
         weights_sha256=weights_sha,
-        extra={k: v for k, v in meta.items() if k not in ("template", "face_oval", "crop_size")},
+        extra={k: v for k, v in meta.items()
+               if k not in ("template", "face_oval", "crop_size", "latent_stats")},
     )
+
+
+def _scaling_factor(vae) -> float:
+    if vae is None or isinstance(vae, TinyAutoencoder):
+        return 1.0  # TinyAutoencoder normalises its latents itself
+    return float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+
+
+def _load_tae(path: Path, meta: dict) -> TinyAutoencoder:
+    """TAEF2 for a model folder: halves from ``path/taef2`` where present (a fine-tuned,
+    cycle-consistent decoder), else the stock ones shipped with vidanon; the folder's latent
+    statistics normalise it."""
+    own = path / "taef2"
+    ae = TinyAutoencoder()
+    for half, module in (("encoder", ae.encoder), ("decoder", ae.decoder)):
+        f = own / f"taef2_{half}.pth"
+        src = f if f.exists() else BUNDLED_TAEF2 / f"taef2_{half}.pth"
+        module.load_state_dict({k: v.float() for k, v in
+                                torch.load(src, map_location="cpu", weights_only=True).items()})
+    stats = meta.get("latent_stats")
+    if stats:
+        ae.shift.copy_(torch.tensor(stats["shift"]))
+        ae.scale.copy_(torch.tensor(stats["scale"]))
+    return ae.eval().requires_grad_(False)
 
 
 def load_folder(path: Path, name: str | None = None) -> FaceModel:
@@ -157,8 +191,12 @@ def load_folder(path: Path, name: str | None = None) -> FaceModel:
     if not (path / "unet").is_dir():
         raise VidanonError(f"model folder {path} has no unet/ subfolder (diffusers layout)")
     unet = UNet2DModel.from_pretrained(path / "unet")
+    meta_file = path / "vidanon.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     vae = None
-    if (path / "vqvae").is_dir():
+    if meta.get("autoencoder") == "taef2":
+        vae = _load_tae(path, meta)
+    elif (path / "vqvae").is_dir():
         vae = VQModel.from_pretrained(path / "vqvae")
     elif (path / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(path / "vae")
@@ -166,9 +204,7 @@ def load_folder(path: Path, name: str | None = None) -> FaceModel:
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     else:
         scheduler = DDIMScheduler(num_train_timesteps=1000)
-    meta_file = path / "vidanon.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    weights = [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")]
+    weights = [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".pth")]
     spec = _spec_for(name or meta.get("name", str(path)), unet, vae, meta, _hash_files(weights))
     return FaceModel(unet, scheduler, spec, vae)
 

@@ -63,7 +63,7 @@ def cycle_error(ae, z: torch.Tensor, x_bg: torch.Tensor | None = None,
 
 
 def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000,
-                batch: int = 8, lr: float = 1e-4, w_img: float = 1.0, w_rec: float = 1.0,
+                batch: int = 4, lr: float = 2e-4, w_img: float = 1.0, w_rec: float = 1.0,
                 w_cycle: float = 1.0, oval: list[float] | None = None,
                 time_limit_s: float | None = None, ckpt_every_s: float = 300.0,
                 seed: int = 0) -> Path:
@@ -94,9 +94,10 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
     m_lat = (F.interpolate(_oval(128, oval)[None, None], size=(16, 16), mode="area") > 0.5)
     m_lat = m_lat.float()
     alpha = _soft(_oval(128, oval, 1.08), 4)[None, None]
+    m_pix = F.interpolate(m_lat, size=(128, 128), mode="nearest")
     t0 = time.monotonic()
     t_ck = t0
-    log = open(out / "log.jsonl", "a")
+    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - appended to for the whole run
 
     def save() -> None:
         tmp = state.with_suffix(".tmp")
@@ -107,7 +108,8 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
     while step < steps:
         idx = batch_indices(train_idx, batch, seed, step)
         rng = np.random.default_rng([seed, step])
-        flip = rng.random(batch) < 0.5
+        flip = rng.random(batch) < (0.5 if lat_flip is not None else 0.0)
+        lat_flip = lat if lat_flip is None else lat_flip
         zs = np.where(flip[:, None, None, None], lat_flip[idx], lat[idx]).astype(np.float32)
         z = torch.from_numpy(zs)
         x = torch.from_numpy(faces[idx].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -119,27 +121,29 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
         other = other + sigma * scale_t * torch.randn(other.shape,
                                                       generator=torch.Generator().manual_seed(step))
         z_anon = m_lat * other + (1 - m_lat) * z
-        y = dec(torch.cat([z_anon, z]))
-        y_anon, y_rec = (y * 2 - 1).chunk(2)
+        # One decoder pass serves all three terms: inside the face the stock decoder's image
+        # is the target (look), outside it the real pixels are (reconstruction, since the
+        # anonymized latent equals the original there).
+        y_anon = dec(z_anon) * 2 - 1
         with torch.no_grad():
             y_ref = ref_dec(z_anon) * 2 - 1
         pix = alpha * y_anon.clamp(-1, 1) + (1 - alpha) * x
         q = pix + (torch.round((pix + 1) * 127.5) / 127.5 - 1 - pix).detach()
         z2 = ae.encoder((q + 1) / 2)
         l_cycle = (((z2 - z_anon) / scale_t) ** 2).mean()
-        l_img = F.mse_loss(y_anon, y_ref)
-        l_rec = F.mse_loss(y_rec, x)
+        l_img = ((y_anon - y_ref) ** 2 * m_pix).mean()
+        l_rec = ((y_anon - x) ** 2 * (1 - m_pix)).mean()
         loss = w_cycle * l_cycle + w_img * l_img + w_rec * l_rec
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
         opt.step()
         step += 1
-        acc["cycle"] += float(l_cycle)
-        acc["img"] += float(l_img)
-        acc["rec"] += float(l_rec)
+        acc["cycle"] += l_cycle.item()
+        acc["img"] += l_img.item()
+        acc["rec"] += l_rec.item()
         acc["n"] += 1
-        if step % 20 == 0:
+        if step % 10 == 0:
             rec = {k: round(v / acc["n"], 6) for k, v in acc.items() if k != "n"}
             rec.update(step=step, elapsed_s=round(time.monotonic() - t0, 1))
             log.write(json.dumps(rec) + "\n")
@@ -173,8 +177,8 @@ def main() -> None:
     ap.add_argument("--latents", required=True)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--time-limit-s", type=float, default=None)
     a = ap.parse_args()

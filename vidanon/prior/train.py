@@ -37,6 +37,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 from tqdm import tqdm
 
+from vidanon.prior.autoencoder import DOWNSCALE
 from vidanon.prior.checkpoint import (
     CKPT_BYTES,
     SHARD_BYTES,
@@ -120,8 +121,18 @@ def build_unet(preset: str, resolution: int, channels: int = 3) -> UNet2DModel:
     )
 
 
-def make_scheduler() -> DDIMScheduler:
-    """The noise schedule the prior is trained with and that the pipeline samples with."""
+def make_scheduler(latent: bool = False) -> DDIMScheduler:
+    """The noise schedule the prior is trained with and that the pipeline samples with.
+
+    Latent priors use Stable Diffusion's scaled-linear betas (0.00085..0.012): the noisiest
+    level keeps alpha_bar 0.0047 (the reference LDM's 0.0015..0.0195 keeps 1.4e-4, pixel
+    DDPM's 4e-5), so DDIM inversion amplifies a re-encoded latent's error 15x at most
+    instead of 84x or 160x, which is what recovery from an 8-bit video frame needs.
+    """
+    if latent:
+        return DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                             beta_schedule="scaled_linear", beta_start=0.00085,
+                             beta_end=0.012, clip_sample=False, set_alpha_to_one=True)
     return DDIMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_schedule="linear",
@@ -287,8 +298,10 @@ def train_prior(
         sh = torch.tensor(shift).view(1, -1, 1, 1)
         sc = torch.tensor(scale).view(1, -1, 1, 1)
         lat_t = ((torch.from_numpy(lat).float() - sh) / sc).to(dev)
-        flip_src = lat_flip if lat_flip is not None else lat[..., ::-1].copy()
-        lat_flip_t = ((torch.from_numpy(flip_src).float() - sh) / sc).to(dev)
+        # A mirrored latent is not the latent of the mirrored face: without encoded mirror
+        # images there is no flip augmentation.
+        lat_flip_t = lat_t if lat_flip is None else (
+            (torch.from_numpy(lat_flip).float() - sh) / sc).to(dev)
         channels = lat.shape[1]
         if lat.shape[-1] != resolution:
             raise ValueError(f"latents are {lat.shape[-1]} px, not --resolution {resolution}")
@@ -367,7 +380,7 @@ def train_prior(
     fwd: torch.nn.Module = model
     if compile and dev.type == "cuda":
         fwd = torch.compile(model)  # type: ignore[assignment]
-    alphas_cumprod = make_scheduler().alphas_cumprod.to(dev, torch.float32)
+    alphas_cumprod = make_scheduler(latent).alphas_cumprod.to(dev, torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     ema_params = [p for p in ema.parameters()]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
@@ -531,10 +544,12 @@ def export_weights(
         raise ValueError("template must have 5 points")
     oval = list(face_oval) if face_oval is not None else face_oval_from_template(template)
     res = int(cfg["resolution"])
+    stats = meta.get("latent_stats")
+    crop = res * DOWNSCALE if stats else res
     info = {
-        "name": name or f"vidanon/face-prior-{res}",
-        "kind": "pixel",
-        "crop_size": res,
+        "name": name or f"vidanon/face-prior-{'latent' if stats else ''}{crop}",
+        "kind": "latent" if stats else "pixel",
+        "crop_size": crop,
         "template": template,
         "face_oval": [round(float(v), 4) for v in oval],
         "training": {
@@ -553,6 +568,9 @@ def export_weights(
         },
         "licence": LICENCE,
     }
+    if stats:  # the autoencoder and the normalisation the UNet was trained under
+        info["autoencoder"] = "taef2"
+        info["latent_stats"] = stats
     if extra_meta:
         info.update(extra_meta)
     dest = Path(dest)
@@ -562,7 +580,7 @@ def export_weights(
     tmp.mkdir()
     try:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        make_scheduler().save_pretrained(tmp / "scheduler")
+        make_scheduler(bool(stats)).save_pretrained(tmp / "scheduler")
         total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         if total > max_bytes:
             raise ValueError(f"export is {total / 1e6:.1f} MB, over {max_bytes / 1e6:.0f} MB")
