@@ -22,7 +22,6 @@ baseline. Clips: the four shared large-face clips and ``samples/crowd.mp4``, the
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -33,61 +32,15 @@ import numpy as np
 import torch
 
 from benchmarks._common import ROOT, VIDEOS, write_results
-from benchmarks._identity import DlibId, MobileFaceNetId
+from benchmarks._identity import cached_thresholds
 from vidanon.config import load_settings
-from vidanon.diffusion.models import ModelSpec
 from vidanon.identity import FaceEmbedder
 from vidanon.media import EncodeSettings, cut, read_frames
-from vidanon.prior.data import load_dataset
 
-FACES = ROOT.parent / "shared" / "data" / "faces" / "utkface_crop128.npz"
-UTK_TEMPLATE = [[0.2694, 0.2462], [0.6912, 0.2531], [0.4663, 0.472],
-                [0.2901, 0.6552], [0.6425, 0.6655]]
 CLIPS = [VIDEOS / "talking_head_512.mp4", VIDEOS / "head_motion_a.mp4",
          VIDEOS / "head_motion_b.mp4", VIDEOS / "walking_single_person_608x1080.mp4",
          ROOT / "samples" / "crowd.mp4"]
 CACHE = ROOT / "runs" / "leak"
-
-
-def thresholds(n: int = 1000, dup: float = 0.9) -> dict[str, dict]:
-    """Cosine thresholds at FAR 0.1 % from impostor pairs of sharp 128-px UTKFace faces.
-
-    Impostors are pairs of different adults (age >= 18 by the UTKFace label): UTKFace holds
-    many infants, whom recognisers cannot tell apart, and exact duplicate photos (cosine 1.0),
-    which put the held-out set's FAR 0.1 % point at 0.68 instead of about 0.44. Pairs that
-    MobileFaceNet scores >= ``dup`` (the same photo twice) are dropped for both recognisers.
-    """
-    faces, names = load_dataset(FACES, 128)
-    adult = [i for i, nm in enumerate(names) if int(nm.split("_")[0]) >= 18]
-    pick = np.sort(np.random.default_rng(0).permutation(adult)[:n])
-    x = torch.from_numpy(faces[pick].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
-    spec = ModelSpec("utk128", "pixel", 128, (3, 128, 128), UTK_TEMPLATE, [0.5, 0.5, 0.4, 0.45])
-    embs = {}
-    for rec in (MobileFaceNetId(spec), DlibId(spec)):
-        ctx = rec.prepare(x)
-        embs[rec.name] = np.concatenate(
-            [rec.embed(x[i:i + 64], None if ctx is None else ctx[i:i + 64])
-             for i in range(0, len(x), 64)])
-    iu = np.triu_indices(len(pick), 1)
-    keep = (embs["MobileFaceNet"] @ embs["MobileFaceNet"].T)[iu] < dup
-    out = {}
-    for name, e in embs.items():
-        sims = (e @ e.T)[iu][keep]
-        out[name] = {"threshold": round(float(np.quantile(sims, 0.999)), 4),
-                     "impostor_pairs": int(keep.sum()),
-                     "source": f"{len(pick)} adult UTKFace faces at 128 px"}
-    return out
-
-
-def cached_thresholds() -> dict[str, dict]:
-    """``thresholds()`` once per machine (about 2 CPU-minutes), kept in runs/leak/."""
-    f = CACHE / "thresholds.json"
-    if f.exists():
-        return json.loads(f.read_text())
-    thr = thresholds()
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(thr, indent=1))
-    return thr
 
 
 class Judge:

@@ -6,8 +6,8 @@ about 25 % (RMS, relative), and the keyed DDIM inversion amplifies that error.  
 kept frozen (so the prior's cached training latents stay valid) and the decoder is fine-tuned
 to be a right inverse of it, while its images stay close to the stock decoder's:
 
-    loss = |E(q(paste(D'(z)))) - z|^2 / scale^2           (cycle, what recovery needs)
-         + w_img |D'(z) - D(z)|^2 + w_rec |D'(E(x)) - x|^2  (look, reconstruction)
+    loss = |E(q(paste(D'(z)))) - z|^2 / scale^2    (cycle, what recovery needs)
+         + w_img |D'(z) - D(z)|^2                   (look: stay the stock decoder)
 
 ``z`` is what anonymization produces: the latent of one face inside the face mask and of
 another (optionally perturbed, or a prior sample) outside; ``paste`` blends the decoded crop
@@ -63,7 +63,7 @@ def cycle_error(ae, z: torch.Tensor, x_bg: torch.Tensor | None = None,
 
 
 def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000,
-                batch: int = 4, lr: float = 2e-4, w_img: float = 1.0, w_rec: float = 1.0,
+                batch: int = 4, lr: float = 2e-4, w_img: float = 30.0,
                 w_cycle: float = 1.0, oval: list[float] | None = None,
                 time_limit_s: float | None = None, ckpt_every_s: float = 300.0,
                 seed: int = 0) -> Path:
@@ -121,9 +121,9 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
         other = other + sigma * scale_t * torch.randn(other.shape,
                                                       generator=torch.Generator().manual_seed(step))
         z_anon = m_lat * other + (1 - m_lat) * z
-        # One decoder pass serves all three terms: inside the face the stock decoder's image
-        # is the target (look), outside it the real pixels are (reconstruction, since the
-        # anonymized latent equals the original there).
+        # One decoder pass serves both terms. The stock decoder's image is the look to keep
+        # (real pixels would be the wrong target near the mask edge, where the decoder mixes
+        # both faces' latents: the pipeline only pastes the oval anyway).
         y_anon = dec(z_anon) * 2 - 1
         with torch.no_grad():
             y_ref = ref_dec(z_anon) * 2 - 1
@@ -131,9 +131,9 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
         q = pix + (torch.round((pix + 1) * 127.5) / 127.5 - 1 - pix).detach()
         z2 = ae.encoder((q + 1) / 2)
         l_cycle = (((z2 - z_anon) / scale_t) ** 2).mean()
-        l_img = ((y_anon - y_ref) ** 2 * m_pix).mean()
-        l_rec = ((y_anon - x) ** 2 * (1 - m_pix)).mean()
-        loss = w_cycle * l_cycle + w_img * l_img + w_rec * l_rec
+        l_img = F.mse_loss(y_anon, y_ref)
+        l_rec = ((y_anon.detach() - x) ** 2 * (1 - m_pix)).mean()  # monitored only
+        loss = w_cycle * l_cycle + w_img * l_img
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)

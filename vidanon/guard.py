@@ -1,0 +1,82 @@
+"""Privacy guard: vidanon checks every face it writes against the person it replaced.
+
+No method anonymizes every face of every video: a weak prior, an odd pose or a tiny mask can
+leave a face that a recogniser still matches to the original person. The guard embeds each
+original aligned crop and its anonymized version with MobileFaceNet (bundled), in every frame
+of every track, and a track whose anonymized face still matches in *any* frame fails.
+
+The threshold is MobileFaceNet's cosine at FAR 0.1 % on sharp faces: 0.4504, measured over
+499,497 impostor pairs of 1,000 adult UTKFace faces at 128 px (``benchmarks._identity.
+sharp_thresholds``). Thresholds from small or blurry faces are much looser (0.67 from 64-px
+crops), and would let leaks through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from vidanon.align import similarity
+from vidanon.diffusion.models import ModelSpec, template_points
+from vidanon.identity import ARCFACE_112, MOBILEFACENET
+
+MFN_THRESHOLD = 0.4504
+THRESHOLD_SOURCE = ("MobileFaceNet cosine at FAR 0.1 % over 499,497 impostor pairs of 1,000 "
+                    "adult UTKFace faces at 128 px")
+
+
+@dataclass
+class TrackCheck:
+    frames: int = 0
+    max_similarity: float = -1.0
+    worst_frame: int = -1
+
+    def as_dict(self, threshold: float) -> dict:
+        return {"frames_checked": self.frames,
+                "max_similarity": round(self.max_similarity, 4),
+                "worst_frame": self.worst_frame,
+                "threshold": threshold,
+                "passed": self.max_similarity < threshold}
+
+
+@dataclass
+class PrivacyGuard:
+    """Collects, per track, the highest original-vs-anonymized similarity seen."""
+
+    spec: ModelSpec
+    threshold: float = MFN_THRESHOLD
+    tracks: dict[int, TrackCheck] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._net = cv2.dnn.readNetFromONNX(str(MOBILEFACENET))
+        self._m = similarity(template_points(self.spec), ARCFACE_112)
+
+    def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
+        """Unit MobileFaceNet embeddings of aligned crops, one network call per batch."""
+        if not crops_bgr:
+            return np.zeros((0, 128), np.float32)
+        faces = np.stack([cv2.warpAffine(c, self._m, (112, 112), flags=cv2.INTER_LINEAR)
+                          for c in crops_bgr])
+        blob = (faces[..., ::-1].astype(np.float32) - 127.5) / 128.0
+        self._net.setInput(np.ascontiguousarray(blob.transpose(0, 3, 1, 2)))
+        e = self._net.forward().reshape(len(crops_bgr), -1)
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-9)
+
+    def observe(self, faces: list[tuple[int, int]], originals: list[np.ndarray],
+                anonymized: list[np.ndarray]) -> None:
+        """``faces``: (track id, frame index) of each crop pair."""
+        sims = np.sum(self.embed(originals) * self.embed(anonymized), axis=1)
+        for (tid, f), s in zip(faces, sims):
+            chk = self.tracks.setdefault(tid, TrackCheck())
+            chk.frames += 1
+            if s > chk.max_similarity:
+                chk.max_similarity, chk.worst_frame = float(s), int(f)
+
+    def failing(self) -> list[int]:
+        return sorted(t for t, c in self.tracks.items() if c.max_similarity >= self.threshold)
+
+    def reset(self, track_ids: list[int]) -> None:
+        for t in track_ids:
+            self.tracks.pop(t, None)
