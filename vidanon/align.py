@@ -54,27 +54,29 @@ def _border_ramp(size: int) -> np.ndarray:
     return np.minimum(ramp[None, :], ramp[:, None]).astype(np.float32)
 
 
-def oval_mask(spec: ModelSpec, size: int | None = None) -> np.ndarray:
-    """Hard 0/1 face oval in crop coordinates, float32 (size, size).
+def oval_mask(spec: ModelSpec, size: int | None = None, grow: float = 1.0) -> np.ndarray:
+    """Hard 0/1 face oval in crop coordinates, float32 (size, size); ``grow`` scales its radii
+    (the privacy guard's first escalation).
 
     Clipped to where the paste-back border ramp is 1, so every replaced pixel is pasted at
     full weight: a partial weight would let original face pixels show through.
     """
     size = size or spec.crop_size
     cx, cy, rx, ry = spec.face_oval
+    rx, ry = rx * grow, ry * grow
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     inside = ((xx / size - cx) / rx) ** 2 + ((yy / size - cy) / ry) ** 2 <= 1.0
     return (inside & (_border_ramp(size) >= 1.0)).astype(np.float32)
 
 
-def paste_alpha(spec: ModelSpec, feather: float) -> np.ndarray:
+def paste_alpha(spec: ModelSpec, feather: float, mask: np.ndarray | None = None) -> np.ndarray:
     """Blend weight in crop space: 1 on the oval, fading to 0 ``feather`` (crop fraction) outside.
 
     The feather runs *outwards*, where the generated crop equals the original background, so
     it hides resampling seams without mixing original face pixels into the new face.
     """
     size = spec.crop_size
-    hard = oval_mask(spec, size)
+    hard = oval_mask(spec, size) if mask is None else mask
     dist = cv2.distanceTransform((hard < 0.5).astype(np.uint8), cv2.DIST_L2, 5)
     alpha = np.clip(1.0 - dist / max(feather * size, 1e-6), 0.0, 1.0)
     # Taper to zero at the crop border so no hard crop edge can show in the frame.

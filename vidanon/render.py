@@ -39,16 +39,31 @@ class FaceJob:
 Transform = Callable[[torch.Tensor, torch.Tensor, Sequence[Key]], torch.Tensor]
 
 
+# Sees every replaced face: (track id, frame index) per face, the original aligned crops and
+# the same crops cut from the finished frames (after paste-back), e.g. the privacy guard.
+Observer = Callable[[list[tuple[int, int]], list[np.ndarray], list[np.ndarray]], None]
+
+
 class FrameRenderer:
     def __init__(self, spec: ModelSpec, mask: np.ndarray, feather: float, transform: Transform,
-                 keys: dict[int, Key], batch_size: int, max_window: int = 64) -> None:
+                 keys: dict[int, Key], batch_size: int, max_window: int = 64,
+                 observer: Observer | None = None,
+                 track_masks: dict[int, np.ndarray] | None = None) -> None:
         self.spec = spec
         self.mask = mask
-        self.alpha = paste_alpha(spec, feather)
+        self.feather = feather
+        self.alpha = paste_alpha(spec, feather, mask)
         self.transform = transform
         self.keys = keys
         self.batch_size = batch_size
         self.max_window = max_window
+        self.observer = observer
+        # Per-track masks (an escalated track's larger mask), with their paste alphas.
+        self.track_masks = {t: (m, paste_alpha(spec, feather, m))
+                            for t, m in (track_masks or {}).items()}
+
+    def _mask(self, track_id: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.track_masks.get(track_id, (self.mask, self.alpha))
 
     def _flush(self, window: list[tuple[Frame, list[FaceJob]]]) -> Iterator[Frame]:
         crops, where = [], []
@@ -60,10 +75,13 @@ class FrameRenderer:
                     where.append((wi, job))
         if crops:
             x = to_tensor_batch(crops)
-            m = torch.from_numpy(self.mask)[None, None].expand(len(crops), 1, size, size)
+            m = torch.from_numpy(np.stack([self._mask(j.track_id)[0] for _, j in where]))[:, None]
             y = from_tensor_batch(self.transform(x, m, [self.keys[j.track_id] for _, j in where]))
             for (wi, job), crop in zip(where, y):
-                paste(window[wi][0].image, crop, job.matrix, self.alpha)
+                paste(window[wi][0].image, crop, job.matrix, self._mask(job.track_id)[1])
+            if self.observer is not None:
+                out = [warp_crop(window[wi][0].image, job.matrix, size) for wi, job in where]
+                self.observer([(j.track_id, window[wi][0].index) for wi, j in where], crops, out)
         for frame, jobs in window:
             for job in jobs:
                 if job.mode == "blur":

@@ -135,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--decoder", type=Path, default=None,
+                    help="cycle fine-tuned TAEF2 decoder state (python -m vidanon.prior.cycle)")
     ap.add_argument("--strength", type=float, default=1.0,
                     help="recommended DDIM strength stored with the model (engine default)")
     a = ap.parse_args(argv)
@@ -144,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     _, meta = load_checkpoint(a.run_dir)
     dest = export_weights(a.run_dir, a.dest, tmpl["template"], tmpl["face_oval"],
                           extra_meta={"engine": {"strength": a.strength}})
+    if a.decoder is not None:
+        from vidanon.prior.cycle import export_decoder
+
+        export_decoder(a.decoder, dest / "taef2")
     model = load_folder(dest)
     spec = model.spec
     print(f"exported step {meta['step']} to {dest} ({spec.name}, crop {spec.crop_size})")
