@@ -210,7 +210,9 @@ def recover(
             pick_device(device)
             out = recover_video(video, ids, output, keyring, key_file, model, device, quiet,
                                 _passphrase(passphrase) if key_file is None else None,
-                                key_passphrase=(_key_passphrase(key_passphrase, False)
+                                # Earlier versions sealed keys with the keyring's.
+                                key_passphrase=((_key_passphrase(key_passphrase, False)
+                                                 or os.environ.get("VIDANON_PASSPHRASE") or None)
                                                 if key_file is not None else None),
                                 overwrite=force)
             typer.echo(f"wrote {out} (tracks {', '.join(map(str, ids))} restored)")

@@ -58,8 +58,10 @@ def pick_device(device: str = "auto") -> str:
         raise VidanonError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise VidanonError("--device cuda asked for, but no CUDA GPU is available")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VidanonError(f"--device {device} asked for, but no CUDA GPU is available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise VidanonError("--device mps asked for, but MPS is not available")
     return device
 
 
@@ -220,6 +222,11 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     publish.clean_stale(output)
     info = probe(inp)
     dev = pick_device(device)
+    model = load_model(model_name or settings.get("model"), device=dev)
+    spec = model.spec
+    # Resolve the model-dependent default now, so the sidecar records what was actually used.
+    settings = {**settings, "diffusion": {**settings["diffusion"],
+                                          "strength": engine_strength(model, settings)}}
 
     job_id = new_job_id()
     master = Key.generate()
@@ -232,12 +239,6 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     ring.save()
     temps: list[Path] = []
     try:
-        model = load_model(model_name or settings.get("model"), device=dev)
-        spec = model.spec
-        # Resolve the model-dependent default now, so the sidecar records what was used.
-        settings = {**settings, "diffusion": {**settings["diffusion"],
-                                              "strength": engine_strength(model, settings)}}
-
         stats: dict = {}
         tracks = detect_and_track(inp, info, settings, quiet, stats)
         if not tracks:
