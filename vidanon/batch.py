@@ -1,13 +1,17 @@
 """Folders of videos (CCTV exports): recursive, resumable, one bad file never stops the rest.
 
 A file counts as done when its output and sidecar both exist and the sidecar names the same
-input hash; outputs are written by temp file + rename, so an interrupted file is simply
-redone on the next run.
+input hash; outputs are published with their sidecars all-or-nothing, so an interrupted file
+is simply redone on the next run.  Inputs that would share an output name (``clip.mp4`` and
+``clip.mov``) get names that keep their extension (``clip.mp4.anon.mp4``, ``clip.mov.anon.mp4``)
+instead of overwriting each other.  An existing output that is not this input's is never
+replaced without ``force``.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +48,26 @@ def output_for(inp: Path, folder: Path, out_dir: Path) -> Path:
     return (out_dir / rel).with_name(rel.stem + ".anon.mp4")
 
 
+def plan_outputs(videos: list[Path], folder: Path, out_dir: Path) -> dict[Path, Path]:
+    """Output per input; inputs whose default outputs collide keep their extension."""
+    default = {inp: output_for(inp, folder, out_dir) for inp in videos}
+    count: dict[Path, int] = {}
+    for out in default.values():
+        count[out] = count.get(out, 0) + 1
+    plan = {}
+    for inp, out in default.items():
+        if count[out] > 1:
+            out = out.with_name(inp.name + ".anon.mp4")
+        plan[inp] = out
+    taken: dict[Path, Path] = {}
+    for inp, out in plan.items():  # clip.mp4 next to a video literally named clip.mp4.mp4
+        if out in taken:
+            raise VidanonError(f"{inp} and {taken[out]} would both be written to {out}; "
+                               "rename one of them")
+        taken[out] = inp
+    return plan
+
+
 def is_done(inp: Path, out: Path) -> bool:
     side = sidecar.sidecar_path(out)
     if not (out.exists() and side.exists()):
@@ -56,23 +80,36 @@ def is_done(inp: Path, out: Path) -> bool:
 
 
 def run_folder(folder: Path, out_dir: Path | None, process: Callable[[Path, Path], object],
-               quiet: bool = False) -> BatchSummary:
+               quiet: bool = False, force: bool = False) -> BatchSummary:
+    """Anonymize every video under ``folder``; failures are reported (stderr) and skipped."""
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir else folder.with_name(folder.name + "_anon")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VidanonError(f"output {out_dir} is a file; a folder run needs an output folder")
     videos = find_videos(folder)
     if not videos:
         raise VidanonError(f"no video files under {folder}")
+    plan = plan_outputs(videos, folder, out_dir)
     summary = BatchSummary()
     for inp in tqdm(videos, desc="files", unit="file", disable=quiet, position=0):
-        out = output_for(inp, folder, out_dir)
+        out = plan[inp]
         if is_done(inp, out):
             summary.skipped.append(inp)
             continue
-        out.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if out.exists() and not force:
+                raise VidanonError(f"{out} already exists and is not this file's output; "
+                                   "pass --force to replace it")
+            out.parent.mkdir(parents=True, exist_ok=True)
             process(inp, out)
             summary.done.append(inp)
         except VidanonError as exc:
+            if is_done(inp, out):  # another run over the same folder did it meanwhile
+                summary.skipped.append(inp)
+                continue
             summary.failed.append((inp, str(exc)))
-            tqdm.write(f"failed: {inp}: {exc}")
+            tqdm.write(f"failed: {inp}: {exc}", file=sys.stderr)
+        except OSError as exc:
+            summary.failed.append((inp, str(exc)))
+            tqdm.write(f"failed: {inp}: {exc.strerror or exc}", file=sys.stderr)
     return summary

@@ -6,15 +6,40 @@ a non-zero exit; tracebacks are for bugs only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from vidanon.errors import VidanonError
+
+
+class _Command(TyperCommand):
+    """Plain help: ``INPUT`` rather than typer's ``{input}`` in the usage line, and no
+    ``<bool>`` type column for flags (they take no value)."""
+
+    def get_params(self, ctx):  # noqa: ANN001, ANN201
+        params = super().get_params(ctx)
+        for p in params:
+            if getattr(p, "is_flag", False):
+                p.display_type_rich = lambda ctx: None
+        return params
+
+    def collect_usage_pieces(self, ctx):  # noqa: ANN001, ANN201
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name == "argument":
+                name = (p.metavar or p.name or "").upper()
+                pieces.append(name if p.required else f"[{name}]")
+        return pieces
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Secure, reversible face anonymization in video.")
@@ -32,12 +57,26 @@ def default_keyring() -> Path:
     return Path(user_data_dir("vidanon")) / "keyring.json"
 
 
-def _passphrase(flag: bool) -> str | None:
+def _passphrase(flag: bool, ring: Path | None = None) -> str | None:
+    """The keyring passphrase: VIDANON_PASSPHRASE, else asked for (twice for a new keyring:
+    a typo there would make every key in it unrecoverable)."""
     env = os.environ.get("VIDANON_PASSPHRASE")
     if env:
         return env
     if flag:
-        return typer.prompt("keyring passphrase", hide_input=True)
+        new = ring is not None and not Path(ring).expanduser().exists()
+        return typer.prompt("new keyring passphrase" if new else "keyring passphrase",
+                            hide_input=True, confirmation_prompt=new)
+    return None
+
+
+def _key_passphrase(flag: bool, confirm: bool) -> str | None:
+    """An exported key file's own passphrase (VIDANON_KEY_PASSPHRASE, or asked for)."""
+    env = os.environ.get("VIDANON_KEY_PASSPHRASE")
+    if env:
+        return env
+    if flag:
+        return typer.prompt("key file passphrase", hide_input=True, confirmation_prompt=confirm)
     return None
 
 
@@ -46,16 +85,48 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def _os_fail(exc: OSError) -> None:
+    where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+    _fail(VidanonError(f"{exc.strerror or exc}{where}"))
+
+
+@contextlib.contextmanager
+def _signals_as_exit() -> Iterator[None]:
+    """SIGTERM/SIGHUP become SystemExit, so temporary files and pending keyring entries are
+    cleaned up as on any other failure (only SIGKILL skips that; the next run cleans)."""
+
+    def handler(signum, frame):  # noqa: ANN001, ANN202, ARG001
+        raise SystemExit(128 + signum)
+
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    except KeyboardInterrupt:
+        typer.echo("vidanon: interrupted", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 Model = Annotated[Optional[str], typer.Option(help="Model folder or hub id (default: bundled prior).")]  # noqa: UP045,E501
 Passflag = Annotated[bool, typer.Option("--passphrase", help="Ask for a keyring passphrase.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
 
 
-@app.command()
+@app.command(cls=_Command)
 def run(
-    input: Annotated[Path, typer.Argument(help="A video file or a folder of videos.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output")] = None,  # noqa: UP045
+    input: Annotated[Path, typer.Argument(help="A video file or a folder of videos.",
+                                          show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        "-o", "--output", help="Output file (folder for a folder input).")] = None,
     keyring: Annotated[Optional[Path], typer.Option(help="Keyring file.")] = None,  # noqa: UP045
     config: Annotated[Optional[str], typer.Option(help="Preset name or YAML.")] = None,  # noqa: UP045
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="section.key=value")] = None,  # noqa: UP045
@@ -64,44 +135,52 @@ def run(
     link_identities: Annotated[bool, typer.Option(
         "--link-identities", help="Tracks of the same person share one pseudo-identity.")] = False,
     passphrase: Passflag = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Anonymize every face; write OUTPUT, its sidecar, and the keys to the keyring."""
     from vidanon.batch import run_folder
     from vidanon.config import load_settings
+    from vidanon.pipeline import check_output, default_output, pick_device
     from vidanon.pipeline import run as run_one
 
     try:
-        if not input.exists():
-            raise VidanonError(f"input {input} does not exist")
-        settings = load_settings(config, set_)
-        ring = keyring or default_keyring()
-        pw = _passphrase(passphrase)
+        with _signals_as_exit():
+            if not input.exists():
+                raise VidanonError(f"input {input} does not exist")
+            settings = load_settings(config, set_)
+            pick_device(device)
+            if not input.is_dir():
+                check_output(input, output or default_output(input), force)
+            ring = keyring or default_keyring()
+            pw = _passphrase(passphrase, ring)
 
-        def one(inp: Path, out: Path | None):
-            if out is not None and out.resolve() == inp.resolve():
-                raise VidanonError("output would overwrite the input")
-            return run_one(inp, out, ring, settings, model, device, quiet, pw, link_identities)
+            def one(inp: Path, out: Path | None):
+                return run_one(inp, out, ring, settings, model, device, quiet, pw,
+                               link_identities, overwrite=force)
 
-        if input.is_dir():
-            summary = run_folder(input, output, one, quiet)
-            typer.echo(summary.line())
-            typer.echo(f"keys added to keyring: {ring}")
-            if summary.failed:
-                raise typer.Exit(1)
-            return
-        res = one(input, output)
-        typer.echo(f"wrote {res.output} ({res.tracks} tracks, {res.faces} faces, "
-                   f"{res.blurred} blurred as too small)")
-        typer.echo(f"sidecar: {res.sidecar}")
-        typer.echo(f"keys added to keyring: {res.keyring} (job {res.job_id})")
+            if input.is_dir():
+                summary = run_folder(input, output, one, quiet, force=force)
+                typer.echo(summary.line())
+                typer.echo(f"keys added to keyring: {ring}")
+                if summary.failed:
+                    raise typer.Exit(1)
+                return
+            res = one(input, output)
+            typer.echo(f"wrote {res.output} ({res.tracks} tracks, {res.faces} faces, "
+                       f"{res.blurred} blurred as too small)")
+            typer.echo(f"sidecar: {res.sidecar}")
+            typer.echo(f"keys added to keyring: {res.keyring} (job {res.job_id})")
     except VidanonError as exc:
         _fail(exc)
+    except OSError as exc:
+        _os_fail(exc)
 
 
-@app.command()
+@app.command(cls=_Command)
 def recover(
-    video: Annotated[Path, typer.Argument(help="An anonymized video (its sidecar beside it).")],
+    video: Annotated[Path, typer.Argument(help="An anonymized video (its sidecar beside it).",
+                                          show_default=False)],
     track: Annotated[str, typer.Option(help="Track id(s) to restore, e.g. 1 or 1,3.")],
     keyring: Annotated[Optional[Path], typer.Option()] = None,  # noqa: UP045
     key_file: Annotated[Optional[Path], typer.Option(help="An exported track key.")] = None,  # noqa: UP045
@@ -109,59 +188,106 @@ def recover(
     model: Model = None,
     device: Device = "auto",
     passphrase: Passflag = False,
+    key_passphrase: Annotated[bool, typer.Option(
+        "--key-passphrase", help="Ask for the key file's passphrase.")] = False,
+    force: Force = False,
     quiet: Quiet = False,
 ) -> None:
     """Restore the chosen tracks' faces; all other faces stay anonymized."""
+    from vidanon.pipeline import pick_device
     from vidanon.pipeline import recover as recover_video
 
     try:
-        if not video.exists():
-            raise VidanonError(f"video {video} does not exist")
-        if keyring is None and key_file is None:
-            raise VidanonError("give --keyring KEYRING or --key-file TRACKKEY")
-        try:
-            ids = [int(t) for t in track.split(",") if t.strip()]
-        except ValueError:
-            raise VidanonError(f"--track must be ids like 1 or 1,3, not {track!r}") from None
-        out = recover_video(video, ids, output, keyring, key_file, model, device, quiet,
-                            _passphrase(passphrase))
-        typer.echo(f"wrote {out} (tracks {', '.join(map(str, ids))} restored)")
+        with _signals_as_exit():
+            if not video.exists():
+                raise VidanonError(f"video {video} does not exist")
+            if keyring is None and key_file is None:
+                raise VidanonError("give --keyring KEYRING or --key-file TRACKKEY")
+            try:
+                ids = [int(t) for t in track.split(",") if t.strip()]
+            except ValueError:
+                raise VidanonError(f"--track must be ids like 1 or 1,3, not {track!r}") from None
+            pick_device(device)
+            out = recover_video(video, ids, output, keyring, key_file, model, device, quiet,
+                                _passphrase(passphrase) if key_file is None else None,
+                                # Earlier versions sealed keys with the keyring's.
+                                key_passphrase=((_key_passphrase(key_passphrase, False)
+                                                 or os.environ.get("VIDANON_PASSPHRASE") or None)
+                                                if key_file is not None else None),
+                                overwrite=force)
+            typer.echo(f"wrote {out} (tracks {', '.join(map(str, ids))} restored)")
     except VidanonError as exc:
         _fail(exc)
+    except OSError as exc:
+        _os_fail(exc)
 
 
-@keys_app.command("export")
+@keys_app.command("export", cls=_Command)
 def keys_export(
-    keyring: Annotated[Path, typer.Argument()],
+    keyring: Annotated[Path, typer.Argument(show_default=False)],
     track: Annotated[int, typer.Option()],
     output: Annotated[Path, typer.Option("-o", "--output")],
     job: Annotated[Optional[str], typer.Option(help="Job id (default: the only/newest job).")] = None,  # noqa: UP045,E501
     sidecar_file: Annotated[Optional[Path], typer.Option("--sidecar", help="Take the job id from this sidecar.")] = None,  # noqa: UP045,E501
     passphrase: Passflag = False,
+    key_passphrase: Annotated[bool, typer.Option(
+        "--key-passphrase", help="Seal the exported key with its own passphrase (asked twice; "
+        "or VIDANON_KEY_PASSPHRASE). Default: not sealed, mode 0600.")] = False,
+    force: Force = False,
 ) -> None:
     """Write one track's key to a file for an authorised party (mode 0600)."""
     from vidanon import sidecar
     from vidanon.keys import Keyring, export_track_key
 
     try:
-        pw = _passphrase(passphrase)
-        ring = Keyring.open(keyring, passphrase=pw)
+        if output.exists() and not force:
+            raise VidanonError(f"{output} already exists; pass --force to replace it")
+        ring = Keyring.open(keyring, passphrase=_passphrase(passphrase))
+        listed = False
         if sidecar_file is not None:
             doc = sidecar.read(sidecar_file)
             job = doc["job_id"]
             # A linked track uses the key of the track it is linked to.
             track = int(sidecar.track_entry(doc, track).get("key_track", track))
+            # The sidecar lists the job and track; it counts if the job's master signed it.
+            sidecar.verify(doc, master=ring.master(job))
+            listed = True
         if job is None:
-            if not ring.jobs:
-                raise VidanonError("keyring holds no jobs")
-            job = max(ring.jobs, key=lambda j: ring.jobs[j].get("created", ""))
-        key = export_track_key(ring, job, track, output, pw)
+            done = ring.complete_jobs()
+            if not done:
+                raise VidanonError("keyring holds no complete jobs" if ring.jobs
+                                   else "keyring holds no jobs")
+            job = max(done, key=lambda j: ring.jobs[j].get("created", ""))
+        key = export_track_key(ring, job, track, output, _key_passphrase(key_passphrase, True),
+                               overwrite=force, allow_pending=listed, check_track=not listed)
         typer.echo(f"wrote key for job {job} track {track} (key id {key.id}) to {output}")
     except VidanonError as exc:
         _fail(exc)
 
 
-@app.command()
+@keys_app.command("list", cls=_Command)
+def keys_list(
+    keyring: Annotated[Path, typer.Argument(show_default=False)],
+    passphrase: Passflag = False,
+) -> None:
+    """Jobs in a keyring (never their keys), incomplete ones marked."""
+    from vidanon.keys import Keyring
+
+    try:
+        ring = Keyring.open(keyring, passphrase=_passphrase(passphrase))
+    except VidanonError as exc:
+        _fail(exc)
+    for job_id, e in sorted(ring.jobs.items(), key=lambda kv: kv[1].get("created", "")):
+        status = ring.status(job_id)
+        mark = "" if status == "complete" else "  INCOMPLETE (run did not finish)"
+        tracks = e.get("key_tracks")
+        n = f"{len(tracks)} tracks" if tracks is not None else "tracks unknown"
+        typer.echo(f"{job_id}  {e.get('created', '?')}  {e.get('input', '?')} -> "
+                   f"{e.get('output', '?')}  {n}{mark}")
+    typer.echo(f"{len(ring.jobs)} jobs, {len(ring.jobs) - len(ring.complete_jobs())} incomplete")
+
+
+@app.command(cls=_Command)
 def inspect(sidecar_file: Annotated[Path, typer.Argument(metavar="SIDECAR")]) -> None:
     """Summarise a sidecar: input, model, settings, tracks. Never shows keys (it has none)."""
     from vidanon import sidecar
@@ -189,7 +315,7 @@ def inspect(sidecar_file: Annotated[Path, typer.Argument(metavar="SIDECAR")]) ->
                       if tr.get("key_track", tr["id"]) != tr["id"] else ""))
 
 
-@app.command()
+@app.command(cls=_Command)
 def doctor() -> None:
     """Versions, codecs, GPU and models found: what to paste into a bug report."""
     import av
@@ -218,7 +344,7 @@ def doctor() -> None:
     typer.echo(json.dumps(info, indent=1))
 
 
-@app.command("train-prior")
+@app.command("train-prior", cls=_Command)
 def train_prior_cmd(
     data: Annotated[Path, typer.Option(help="Face npz (shared format) or image folder.")],
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, logs).")],

@@ -10,13 +10,16 @@ one track key to an investigator reveals nothing about the other tracks or the m
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import secrets
+import socket
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -122,98 +125,303 @@ def mac_ok(key: Key, payload: bytes, tag: str) -> bool:
 
 # --- files -------------------------------------------------------------------------------
 
+SCRYPT_N = 2**15  # scrypt cost for new sealed files; the cost used is stored in each file
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically with mode 0600 from the first byte (no window where others can read)."""
+
+def _write_private(path: Path, data: bytes, overwrite: bool = True) -> None:
+    """Write atomically with mode 0600 from the first byte (no window where others can read).
+
+    With ``overwrite=False`` the final step is a hard link, which fails if ``path`` exists, so
+    two writers cannot both believe they created it.  OS errors become one-line
+    ``KeyMaterialError``s naming the file: an unwritable keyring folder is a setup problem.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise KeyMaterialError(
+                    f"{path} already exists; pass --force to replace it") from None
+            Path(tmp).unlink()
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise KeyMaterialError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _seal(payload: bytes, passphrase: str) -> dict:
-    salt = secrets.token_bytes(16)
-    kek = Scrypt(salt=salt, length=32, n=2**15, r=8, p=1).derive(passphrase.encode())
+class _KekCache:
+    """Derived key-encryption keys by (passphrase, salt, cost): scrypt is slow on purpose, and
+    a keyring re-read under its lock before each write should not pay for it twice."""
+
+    def __init__(self) -> None:
+        self._d: dict[tuple, bytes] = {}
+
+    def get(self, passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+        k = (hashlib.sha256(passphrase.encode()).digest(), salt, n, r, p)
+        if k not in self._d:
+            self._d[k] = Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
+        return self._d[k]
+
+    def __repr__(self) -> str:
+        return "_KekCache(...)"
+
+
+def _seal(payload: bytes, passphrase: str, kdf: dict | None = None,
+          cache: _KekCache | None = None) -> dict:
+    """AES-256-GCM under an scrypt key; ``kdf`` reuses a file's salt and cost (fresh nonce)."""
+    b64 = base64.b64encode
+    if kdf is None:
+        kdf = {"name": "scrypt", "n": SCRYPT_N, "r": 8, "p": 1,
+               "salt": b64(secrets.token_bytes(16)).decode()}
+    salt = base64.b64decode(kdf["salt"])
+    kek = (cache or _KekCache()).get(passphrase, salt, kdf["n"], kdf["r"], kdf["p"])
     nonce = secrets.token_bytes(12)
     ct = AESGCM(kek).encrypt(nonce, payload, b"vidanon-keyring-v1")
-    b64 = base64.b64encode
     return {
-        "kdf": {"name": "scrypt", "n": 2**15, "r": 8, "p": 1, "salt": b64(salt).decode()},
+        "kdf": dict(kdf),
         "cipher": "AES-256-GCM",
         "nonce": b64(nonce).decode(),
         "ciphertext": b64(ct).decode(),
     }
 
 
-def _unseal(doc: dict, passphrase: str | None) -> bytes:
+def _unseal(doc: dict, passphrase: str | None, what: str = "keyring",
+            hint: str = "set VIDANON_PASSPHRASE or pass --passphrase",
+            cache: _KekCache | None = None) -> bytes:
     if passphrase is None:
-        raise KeyMaterialError("keyring is encrypted: set VIDANON_PASSPHRASE or pass --passphrase")
+        raise KeyMaterialError(f"{what} is encrypted: {hint}")
     d = base64.b64decode
     k = doc["kdf"]
-    kek = Scrypt(salt=d(k["salt"]), length=32, n=k["n"], r=k["r"], p=k["p"]).derive(
-        passphrase.encode()
-    )
+    kek = (cache or _KekCache()).get(passphrase, d(k["salt"]), k["n"], k["r"], k["p"])
     try:
         return AESGCM(kek).decrypt(d(doc["nonce"]), d(doc["ciphertext"]), b"vidanon-keyring-v1")
     except InvalidTag:
-        raise KeyMaterialError("wrong passphrase, or the keyring file was altered") from None
+        raise KeyMaterialError(f"wrong passphrase, or the {what} file was altered") from None
 
 
-@dataclass
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+PENDING = "pending"
+COMPLETE = "complete"
+
+
 class Keyring:
-    """Master keys by job id. Kept apart from outputs, because output folders get published."""
+    """Master keys by job id. Kept apart from outputs, because output folders get published.
 
-    path: Path
-    jobs: dict[str, dict]
-    passphrase: str | None = None
+    Several runs may share one keyring, so every write is a read-modify-write under an
+    exclusive lock (``<target>.lock``): the file is re-read under the lock and only this
+    object's own changes (jobs added, updated or removed through it) are applied to it, so
+    nobody's jobs are lost to a stale copy.  A symlinked keyring is written through to its
+    target.  Jobs carry a status: ``pending`` while a run may still publish its output
+    (keys are written before rendering, so an output is never unrecoverable), ``complete``
+    once its sidecar is in place; entries without a status come from older versions and
+    count as complete.
+    """
+
+    def __init__(self, path: Path, jobs: dict[str, dict] | None = None,
+                 passphrase: str | None = None, kdf_n: int = SCRYPT_N) -> None:
+        self.path = Path(path).expanduser()
+        self.jobs: dict[str, dict] = dict(jobs or {})
+        self._passphrase = passphrase
+        self._kdf_n = int(kdf_n)
+        self._kdf: dict | None = None  # salt and cost of the file as last read
+        self._keks = _KekCache()
+        self._changes: dict[str, dict | None] = {}  # job id -> new entry, None = removed
+        self._prune: Callable[[str, dict], bool] | None = None
+
+    @property
+    def passphrase(self) -> str | None:
+        return self._passphrase
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self._passphrase)
+
+    def __repr__(self) -> str:
+        # Never the jobs themselves: they hold master keys.
+        return (f"Keyring(path={str(self.path)!r}, jobs={len(self.jobs)}, "
+                f"encrypted={self.encrypted})")
+
+    __str__ = __repr__
+
+    @property
+    def target(self) -> Path:
+        """The file actually written: a symlinked keyring's target, so vaults stay in sync."""
+        return self.path.resolve()
 
     @classmethod
-    def open(cls, path: Path, passphrase: str | None = None, create: bool = False) -> Keyring:
-        path = Path(path).expanduser()
-        if not path.exists():
-            if create:
-                return cls(path, {}, passphrase)
-            raise KeyMaterialError(f"keyring {path} does not exist")
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise KeyMaterialError(f"keyring {path} is not a readable vidanon keyring") from None
-        if doc.get("format") != KEYRING_FORMAT:
-            raise KeyMaterialError(f"{path} is not a vidanon keyring")
-        body = json.loads(_unseal(doc["sealed"], passphrase)) if "sealed" in doc else doc
-        return cls(path, dict(body.get("jobs", {})), passphrase)
+    def open(cls, path: Path, passphrase: str | None = None, create: bool = False,
+             kdf_n: int = SCRYPT_N) -> Keyring:
+        """Read a keyring (no lock needed: writers replace the file atomically).
 
-    def add_job(self, job_id: str, master: Key, note: dict | None = None) -> None:
-        self.jobs[job_id] = {"master": master.hex(), "master_id": master.id, **(note or {})}
+        ``kdf_n`` is the scrypt cost for a keyring this call creates; an existing file keeps
+        its own.  Lowering it is for tests only.
+        """
+        ring = cls(path, {}, passphrase, kdf_n)
+        if not ring.target.exists():
+            if create:
+                return ring
+            raise KeyMaterialError(f"keyring {ring.path} does not exist")
+        ring.jobs = ring._read()
+        return ring
+
+    def _read(self) -> dict[str, dict]:
+        target = self.target
+        if not target.exists():
+            self._kdf = None
+            return {}
+        try:
+            doc = json.loads(target.read_text())
+        except (OSError, ValueError):
+            raise KeyMaterialError(
+                f"keyring {self.path} is not a readable vidanon keyring") from None
+        if not isinstance(doc, dict) or doc.get("format") != KEYRING_FORMAT:
+            raise KeyMaterialError(f"{self.path} is not a vidanon keyring")
+        if "sealed" in doc:
+            body = json.loads(_unseal(doc["sealed"], self._passphrase, cache=self._keks))
+            self._kdf = dict(doc["sealed"]["kdf"])
+        else:
+            body, self._kdf = doc, None
+        return dict(body.get("jobs", {}))
+
+    # -- changes (kept in memory until save) ---------------------------------------------
+
+    def add_job(self, job_id: str, master: Key, note: dict | None = None,
+                status: str = COMPLETE) -> None:
+        entry = {"master": master.hex(), "master_id": master.id, **(note or {}),
+                 "status": status}
+        self.jobs[job_id] = entry
+        self._changes[job_id] = entry
+
+    def update_job(self, job_id: str, **fields: object) -> None:
+        entry = {**self.jobs[job_id], **fields}
+        self.jobs[job_id] = entry
+        self._changes[job_id] = entry
+
+    def remove_job(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+        self._changes[job_id] = None
 
     def master(self, job_id: str) -> Key:
         if job_id not in self.jobs:
             raise KeyMaterialError(f"keyring {self.path} has no key for job {job_id}")
         return Key.from_hex(self.jobs[job_id]["master"])
 
+    def status(self, job_id: str) -> str:
+        return str(self.jobs.get(job_id, {}).get("status", COMPLETE))
+
+    def complete_jobs(self) -> list[str]:
+        return [j for j in self.jobs if self.status(j) == COMPLETE]
+
+    def prune_dead_pending(self, still_published: Callable[[str, dict], bool]) -> None:
+        """Drop pending jobs of runs on this host that died (killed) before publishing.
+
+        ``still_published(job_id, entry)`` says whether the job's output and sidecar made it
+        out after all (killed between publishing and marking complete): such jobs are marked
+        complete instead.  Evaluated at save time, on the freshly read file.
+        """
+        self._prune = still_published
+
+    def _apply(self, jobs: dict[str, dict]) -> dict[str, dict]:
+        for job_id, entry in self._changes.items():
+            if entry is None:
+                jobs.pop(job_id, None)
+            else:
+                jobs[job_id] = entry
+        if self._prune is not None:
+            host = socket.gethostname()
+            for job_id, e in list(jobs.items()):
+                if (e.get("status") == PENDING and e.get("host") == host
+                        and job_id not in self._changes
+                        and not _pid_alive(int(e.get("pid", 0) or 0))):
+                    if self._prune(job_id, e):
+                        jobs[job_id] = {**e, "status": COMPLETE}
+                    else:
+                        jobs.pop(job_id)
+        return jobs
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive lock on ``<target>.lock`` (kept, never deleted: deleting a lock file
+        while another process waits on it would let two writers in)."""
+        target = self.target
+        lock_path = target.with_name(target.name + ".lock")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise KeyMaterialError(
+                f"cannot write keyring {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def save(self) -> None:
-        body = {"format": KEYRING_FORMAT, "version": 1, "jobs": self.jobs}
-        if self.passphrase:
-            raw = json.dumps({"jobs": self.jobs}).encode()
-            doc = {"format": KEYRING_FORMAT, "version": 1, "sealed": _seal(raw, self.passphrase)}
-        else:
-            doc = body
-        _write_private(self.path, json.dumps(doc, indent=1).encode())
+        """Merge this object's changes into the file as it is now, under the lock."""
+        with self._locked():
+            jobs = self._apply(self._read())
+            if self._passphrase:
+                raw = json.dumps({"jobs": jobs}).encode()
+                kdf = self._kdf or {"name": "scrypt", "n": self._kdf_n, "r": 8, "p": 1,
+                                    "salt": base64.b64encode(secrets.token_bytes(16)).decode()}
+                doc = {"format": KEYRING_FORMAT, "version": 1,
+                       "sealed": _seal(raw, self._passphrase, kdf, self._keks)}
+                self._kdf = kdf
+            else:
+                doc = {"format": KEYRING_FORMAT, "version": 1, "jobs": jobs}
+            _write_private(self.target, json.dumps(doc, indent=1).encode())
+            self.jobs = jobs
+            self._changes = {}
+            self._prune = None
 
 
 def export_track_key(
-    keyring: Keyring, job_id: str, track_id: int, dest: Path, passphrase: str | None = None
+    keyring: Keyring, job_id: str, track_id: int, dest: Path, passphrase: str | None = None,
+    overwrite: bool = False, allow_pending: bool = False, check_track: bool = True,
 ) -> Key:
-    """Write one track's key for an authorised party; other tracks stay out of reach."""
+    """Write one track's key for an authorised party; other tracks stay out of reach.
+
+    ``passphrase`` seals the exported file with its own passphrase, chosen at export (never
+    the keyring's: the investigator must not need the owner's).  A pending job (its run may
+    have died before publishing) and a track the job does not have are refused, unless the
+    caller checked a sidecar that lists them (``allow_pending``, ``check_track=False``).
+    """
+    if job_id not in keyring.jobs:
+        raise KeyMaterialError(f"keyring {keyring.path} has no key for job {job_id}")
+    if keyring.status(job_id) != COMPLETE and not allow_pending:
+        raise KeyMaterialError(f"job {job_id} is incomplete (its run did not finish); "
+                               "pass --sidecar of its output if that was published")
+    key_tracks = keyring.jobs[job_id].get("key_tracks")
+    if check_track and key_tracks is not None:
+        if str(int(track_id)) not in key_tracks:
+            ids = ", ".join(key_tracks) or "none"
+            raise KeyMaterialError(f"job {job_id} has no track {track_id} (tracks: {ids})")
+        track_id = int(key_tracks[str(int(track_id))])  # a linked track uses its group's key
     key = track_key(keyring.master(job_id), job_id, track_id)
     doc: dict = {"format": TRACKKEY_FORMAT, "version": 1, "job_id": job_id,
                  "track_id": int(track_id), "key_id": key.id}
@@ -221,7 +429,7 @@ def export_track_key(
         doc["sealed"] = _seal(key.hex().encode(), passphrase)
     else:
         doc["key"] = key.hex()
-    _write_private(Path(dest), json.dumps(doc, indent=1).encode())
+    _write_private(Path(dest), json.dumps(doc, indent=1).encode(), overwrite=overwrite)
     return key
 
 
@@ -231,7 +439,9 @@ def read_track_key(path: Path, passphrase: str | None = None) -> tuple[str, int,
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != TRACKKEY_FORMAT:
             raise ValueError
-        raw = _unseal(doc["sealed"], passphrase).decode() if "sealed" in doc else doc["key"]
+        raw = (_unseal(doc["sealed"], passphrase, "key file",
+                       "set VIDANON_KEY_PASSPHRASE or pass --key-passphrase").decode()
+               if "sealed" in doc else doc["key"])
         key = Key.from_hex(raw)
         job, track = str(doc["job_id"]), int(doc["track_id"])
     except KeyMaterialError:

@@ -456,7 +456,7 @@ class _AudioCopier:
 class VideoWriter:
     """Encodes frames to ``path`` atomically: a partial file never appears under that name.
 
-    Output goes to ``<stem>.partial-XXXX<suffix>`` in the destination folder (same filesystem,
+    Output goes to ``<stem>.partial-<pid>-XXXX<suffix>`` in the destination folder (same filesystem,
     so the final ``os.replace`` is atomic) and is deleted if anything fails.
 
     Rotation is kept by writing the input's display matrix as stream side data
@@ -518,7 +518,7 @@ class VideoWriter:
         suffix = self.path.suffix or ".mp4"
         try:
             fd, tmp = tempfile.mkstemp(
-                prefix=f"{self.path.stem}.partial-", suffix=suffix, dir=folder
+                prefix=f"{self.path.stem}.partial-{os.getpid()}-", suffix=suffix, dir=folder
             )
         except OSError as exc:
             raise MediaError(f"cannot write video '{self.path}': {_reason(exc)}") from exc

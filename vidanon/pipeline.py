@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +50,18 @@ class RunResult:
     timings: dict = field(default_factory=dict)
 
 
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
+
+
 def pick_device(device: str = "auto") -> str:
+    if not _DEVICE.fullmatch(device or ""):
+        raise VidanonError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise VidanonError("--device cuda asked for, but no CUDA GPU is available")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise VidanonError(f"--device {device} asked for, but no CUDA GPU is available")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise VidanonError("--device mps asked for, but MPS is not available")
     return device
 
 
@@ -64,7 +74,8 @@ def _round_matrix(m: np.ndarray) -> np.ndarray:
     return np.round(m, 6)
 
 
-def detect_and_track(inp: Path, info, settings: dict, quiet: bool) -> list[Track]:
+def detect_and_track(inp: Path, info, settings: dict, quiet: bool,
+                     stats: dict | None = None) -> list[Track]:
     det = settings["detect"]
     trk = settings["track"]
     detector = make_detector(score_threshold=det["score_threshold"], scale=det["scale"])
@@ -74,7 +85,10 @@ def detect_and_track(inp: Path, info, settings: dict, quiet: bool) -> list[Track
                       disable=quiet, leave=False):
         if is_cut(frame.image):
             tracker.new_shot(frame.index)
-        tracker.update(frame.index, detector(frame.image))
+        dets = detector(frame.image)
+        if stats is not None:
+            stats["detections"] = stats.get("detections", 0) + len(dets)
+        tracker.update(frame.index, dets)
     return tracker.finish(info.frames, trk["max_gap"], trk["pad"], trk["smooth"])
 
 
@@ -136,11 +150,76 @@ def _encode_settings(settings: dict) -> EncodeSettings:
                           lossless=bool(e["lossless"]), pix_fmt=e.get("pix_fmt", "yuv420p"))
 
 
+def check_output(inp: Path, output: Path, overwrite: bool) -> None:
+    """Everything about the output path that can be known before any work is done."""
+    if output.is_dir():
+        raise VidanonError(f"output {output} is a folder; give a file name, "
+                           f"e.g. {output / default_output(inp).name}")
+    if not output.parent.is_dir():
+        raise VidanonError(f"output folder {output.parent} does not exist")
+    if output.exists() and output.resolve() == inp.resolve():
+        raise VidanonError("output would overwrite the input")
+    if output.exists() and not overwrite:
+        raise VidanonError(f"{output} already exists; pass --force to replace it "
+                           "(or -o another path)")
+    if sidecar.sidecar_path(output).resolve() == inp.resolve():
+        raise VidanonError("the output's sidecar would overwrite the input")
+
+
+def _refuse_silent_zero(inp: Path, info, settings: dict, stats: dict) -> None:
+    """A run that finds no face must not look like success if faces are there to be found.
+
+    Either the detector saw faces that tracking dropped, or non-default detection settings
+    found nothing where the default detector (on a sample of frames) finds faces.
+    """
+    if stats.get("detections", 0):
+        raise VidanonError(f"{stats['detections']} face detections but no face track: check "
+                           "the track.* settings; nothing was written")
+    from vidanon.config import load_settings
+
+    default = load_settings()["detect"]
+    det = settings["detect"]
+    if all(float(det[k]) == float(default[k]) for k in ("score_threshold", "scale")):
+        return
+    detector = make_detector(score_threshold=default["score_threshold"], scale=default["scale"])
+    step = max(1, int(info.frames or 1) // 24)
+    hits = sum(1 for frame in read_frames(inp) if frame.index % step == 0
+               and len(detector(frame.image)))
+    if hits:
+        shown = ", ".join(f"detect.{k}={det[k]}" for k in ("score_threshold", "scale"))
+        raise VidanonError(f"no face found with {shown}, but the default detector finds faces "
+                           f"in {hits} sampled frames; nothing was written")
+
+
+def _published(job_id: str, entry: dict) -> bool:
+    """Did a dead run's output make it out (killed after publishing, before marking done)?"""
+    path = entry.get("output_path")
+    if not path:
+        return False
+    try:
+        return sidecar.read(sidecar.sidecar_path(Path(path)))["job_id"] == job_id
+    except VidanonError:
+        return False
+
+
 def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         model_name: str | None = None, device: str = "auto", quiet: bool = False,
-        passphrase: str | None = None, link_identities: bool = False) -> RunResult:
+        passphrase: str | None = None, link_identities: bool = False,
+        overwrite: bool = False) -> RunResult:
+    """Anonymize ``inp`` into ``output`` + sidecar; the job's master key goes to the keyring.
+
+    Keys first: the job is in the keyring (status "pending") before anything is rendered,
+    so a published output always has its key.  The video and sidecar are rendered under
+    temporary names and published together (``vidanon.publish``); only then is the job
+    marked "complete".  On any failure the temporary files and the pending job are removed.
+    """
+    from vidanon import publish
+
     inp = Path(inp)
     output = Path(output) if output else default_output(inp)
+    publish.repair(output)  # an earlier run killed while publishing to this path
+    check_output(inp, output, overwrite)
+    publish.clean_stale(output)
     info = probe(inp)
     dev = pick_device(device)
     model = load_model(model_name or settings.get("model"), device=dev)
@@ -149,32 +228,57 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     settings = {**settings, "diffusion": {**settings["diffusion"],
                                           "strength": engine_strength(model, settings)}}
 
-    tracks = detect_and_track(inp, info, settings, quiet)
-    plan = plan_faces(tracks, spec, float(settings["faces"]["min_eye_px"]))
-
-    # One key per identity: a track's own id, or its group's when identities are linked.
-    key_track = {tr.id: tr.id for tr in tracks}
-    if link_identities and len(tracks) > 1:
-        from vidanon.identity import link_tracks
-
-        key_track = link_tracks(inp, tracks)
-
-    # Keys first: if the keyring cannot be written, nothing else is.
     job_id = new_job_id()
     master = Key.generate()
-    keys = {t: track_key(master, job_id, key_track[t]) for t in key_track}
     ring = Keyring.open(keyring_path, passphrase=passphrase, create=True)
-    ring.add_job(job_id, master, {"input": inp.name, "output": output.name,
-                                  "created": _now()})
+    ring.add_job(job_id, master, {"input": inp.name, "output": output.name, "created": _now(),
+                                  "output_path": str(output.resolve()),
+                                  "host": socket.gethostname(), "pid": os.getpid()},
+                 status="pending")
+    ring.prune_dead_pending(_published)
     ring.save()
+    temps: list[Path] = []
+    try:
+        stats: dict = {}
+        tracks = detect_and_track(inp, info, settings, quiet, stats)
+        if not tracks:
+            _refuse_silent_zero(inp, info, settings, stats)
+        plan = plan_faces(tracks, spec, float(settings["faces"]["min_eye_px"]))
 
-    _render(inp, output, info, model, settings, keys, plan, "anonymize", quiet)
+        # One key per identity: a track's own id, or its group's when identities are linked.
+        key_track = {tr.id: tr.id for tr in tracks}
+        if link_identities and len(tracks) > 1:
+            from vidanon.identity import link_tracks
 
-    doc = _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
-                         key_track)
-    sidecar.sign(doc, master, keys)
+            key_track = link_tracks(inp, tracks)
+        keys = {t: track_key(master, job_id, key_track[t]) for t in key_track}
+
+        tmp_video = publish.temp_path(output, output.suffix or ".mp4")
+        temps.append(tmp_video)
+        _render(inp, tmp_video, info, model, settings, keys, plan, "anonymize", quiet)
+        doc = _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
+                             key_track, rendered=tmp_video)
+        sidecar.sign(doc, master, keys)
+        temps.append(publish.write_temp_sidecar(output, doc))
+        publish.publish(temps[0], temps[1], output, overwrite)
+    except BaseException:
+        for t in temps:
+            t.unlink(missing_ok=True)
+        try:
+            ring.remove_job(job_id)
+            ring.save()
+        except Exception:  # the original error matters more; the entry stays "pending"
+            log.warning("could not remove pending job %s from the keyring", job_id)
+        raise
+    # Published: the job is complete.  If this write fails the output is still recoverable
+    # (the job stays "pending" and the sidecar names it), so report rather than fail.
+    ring.update_job(job_id, status="complete",
+                    key_tracks={str(t): int(k) for t, k in key_track.items()})
+    try:
+        ring.save()
+    except VidanonError as exc:
+        log.warning("output written, but the keyring job stays pending: %s", exc)
     side = sidecar.sidecar_path(output)
-    sidecar.write(side, doc)
     faces = sum(len(v) for v in plan.values())
     blurred = sum(j.mode == "blur" for v in plan.values() for j in v)
     return RunResult(output, side, job_id, len(tracks), faces, blurred, ring.path)
@@ -185,7 +289,7 @@ def _now() -> str:
 
 
 def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
-                   key_track) -> dict:
+                   key_track, rendered: Path | None = None) -> dict:
     per_track: dict[int, list] = {tr.id: [] for tr in tracks}
     for f in sorted(plan):
         for job in plan[f]:
@@ -200,7 +304,7 @@ def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, key
         "vidanon": __version__,
         "input": {**{k: v for k, v in info.as_dict().items() if k != "path"},
                   "name": inp.name, "sha256": sidecar.file_sha256(inp)},
-        "output": {"name": output.name, "sha256": sidecar.file_sha256(output)},
+        "output": {"name": output.name, "sha256": sidecar.file_sha256(rendered or output)},
         "model": model.spec.as_dict(),
         "settings": settings,
         "linked_identities": {str(t): k for t, k in key_track.items() if t != k},
@@ -222,17 +326,26 @@ def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, key
 def recover(video: Path, track_ids: list[int], output: Path | None = None,
             keyring_path: Path | None = None, key_file: Path | None = None,
             model_name: str | None = None, device: str = "auto", quiet: bool = False,
-            passphrase: str | None = None, sidecar_file: Path | None = None) -> Path:
-    """Restore the chosen tracks; every other face stays anonymized."""
+            passphrase: str | None = None, sidecar_file: Path | None = None,
+            key_passphrase: str | None = None, overwrite: bool = False) -> Path:
+    """Restore the chosen tracks; every other face stays anonymized.
+
+    ``passphrase`` opens the keyring, ``key_passphrase`` an exported key file sealed with
+    its own passphrase at export.
+    """
     video = Path(video)
+    output = Path(output) if output else video.with_name(video.stem + ".recovered.mp4")
+    check_output(video, output, overwrite)
     doc = sidecar.read(sidecar_file or sidecar.sidecar_path(video))
     info = probe(video)
     if sidecar.file_sha256(video) != doc["output"]["sha256"]:
-        raise SidecarError(f"{video.name} is not the video this sidecar describes (hash differs)")
+        raise SidecarError(f"{video.name} is not the video this sidecar describes (hash differs;"
+                           " if a run was killed while replacing it, re-running it restores "
+                           "the previous pair)")
     # Key material is read once (an encrypted keyring costs a scrypt derivation per open).
     master = file_key = None
     if key_file is not None:
-        job, ktrack, file_key = read_track_key(key_file, passphrase)
+        job, ktrack, file_key = read_track_key(key_file, key_passphrase)
     elif keyring_path is not None:
         master = Keyring.open(keyring_path, passphrase=passphrase).master(doc["job_id"])
         sidecar.verify(doc, master=master)
@@ -267,6 +380,5 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
                 m = np.asarray(rec["m"], np.float64).reshape(2, 3)
                 plan.setdefault(int(rec["f"]), []).append(FaceJob(tid, m, "diffusion"))
 
-    output = Path(output) if output else video.with_name(video.stem + ".recovered.mp4")
     _render(video, output, info, model, settings, keys, plan, "recover", quiet)
     return output
