@@ -136,6 +136,8 @@ def run(
         "--link-identities", help="Tracks of the same person share one pseudo-identity.")] = False,
     passphrase: Passflag = False,
     force: Force = False,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip the privacy guard (faster; no face is checked).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Anonymize every face; write OUTPUT, its sidecar, and the keys to the keyring."""
@@ -148,7 +150,8 @@ def run(
         with _signals_as_exit():
             if not input.exists():
                 raise VidanonError(f"input {input} does not exist")
-            settings = load_settings(config, set_)
+            overrides = list(set_ or []) + (["guard.verify=false"] if no_verify else [])
+            settings = load_settings(config, overrides)
             pick_device(device)
             if not input.is_dir():
                 check_output(input, output or default_output(input), force)
@@ -170,11 +173,21 @@ def run(
             typer.echo(f"wrote {res.output} ({res.tracks} tracks, {res.faces} faces, "
                        f"{res.blurred} blurred as too small)")
             typer.echo(f"sidecar: {res.sidecar}")
+            typer.echo(privacy_line(res.privacy))
             typer.echo(f"keys added to keyring: {res.keyring} (job {res.job_id})")
     except VidanonError as exc:
         _fail(exc)
     except OSError as exc:
         _os_fail(exc)
+
+
+def privacy_line(p: dict) -> str:
+    """The run's one-line privacy summary."""
+    if not p.get("verified"):
+        return "privacy: not verified (--no-verify)"
+    return (f"privacy: {p['faces_checked']} faces checked, {p['faces_escalated']} escalated, "
+            f"{p['faces_blurred']} blurred by the guard (max similarity to the original "
+            f"{p['max_similarity']:.2f}, threshold {p['threshold']:.2f})")
 
 
 @app.command(cls=_Command)

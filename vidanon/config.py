@@ -83,8 +83,15 @@ class EncodeSettings(_Section):
         return v
 
 
+class GuardSettings(_Section):
+    verify: bool = True
+    threshold: float = Field(default=0.4504, gt=0, lt=1)
+    mask_grow: float = Field(default=1.2, ge=1, le=2)
+
+
 class Settings(_Section):
     model: str | None = None
+    guard: GuardSettings = GuardSettings()
     detect: DetectSettings
     track: TrackSettings
     faces: FaceSettings

@@ -21,6 +21,7 @@ import numpy as np
 from vidanon.align import similarity
 from vidanon.diffusion.models import ModelSpec, template_points
 from vidanon.identity import ARCFACE_112, MOBILEFACENET
+from vidanon.render import FaceJob
 
 MFN_THRESHOLD = 0.4504
 THRESHOLD_SOURCE = ("MobileFaceNet cosine at FAR 0.1 % over 499,497 impostor pairs of 1,000 "
@@ -80,3 +81,63 @@ class PrivacyGuard:
     def reset(self, track_ids: list[int]) -> None:
         for t in track_ids:
             self.tracks.pop(t, None)
+
+
+# What a failing track gets next, in order. A larger mask and a new key keep the face
+# recoverable (both are recorded in the sidecar); a blur does not.
+ESCALATIONS = ("mask", "key", "blur")
+
+
+@dataclass
+class Escalations:
+    """Per-track escalation state: which steps a track has had, and what they change."""
+
+    key_track: dict[int, int]  # track -> track whose key it uses (linking)
+    mask_grow: float = 1.2
+    level: dict[int, int] = field(default_factory=dict)
+
+    def escalate(self, track_ids: list[int]) -> None:
+        for t in track_ids:
+            self.level[t] = self.level.get(t, 0) + 1
+            if self.level[t] >= 2:  # its own, fresh key: no longer shared with linked tracks
+                self.key_track[t] = t
+
+    def steps(self, t: int) -> list[str]:
+        return list(ESCALATIONS[: self.level.get(t, 0)])
+
+    def epoch(self, t: int) -> int:
+        return 1 if self.level.get(t, 0) >= 2 else 0
+
+    def grow(self, t: int) -> float:
+        return self.mask_grow if self.level.get(t, 0) >= 1 else 1.0
+
+    def blurred(self, t: int) -> bool:
+        return self.level.get(t, 0) >= 3
+
+    def exhausted(self, track_ids: list[int]) -> bool:
+        return all(self.blurred(t) for t in track_ids)
+
+
+def escalated_plan(plan: dict[int, list[FaceJob]], esc: Escalations) -> dict[int, list[FaceJob]]:
+    """The plan with every face of a track that exhausted the escalations blurred."""
+    return {f: [FaceJob(j.track_id, j.matrix, "blur") if esc.blurred(j.track_id) else j
+                for j in jobs] for f, jobs in plan.items()}
+
+
+def privacy_summary(guard: PrivacyGuard | None, esc: Escalations,
+                    plan: dict[int, list[FaceJob]]) -> dict:
+    """Counts for the run's one-line privacy summary (faces = face-frames)."""
+    per_track: dict[int, int] = {}
+    for jobs in plan.values():
+        for j in jobs:
+            per_track[j.track_id] = per_track.get(j.track_id, 0) + 1
+    return {
+        "verified": guard is not None,
+        "faces_checked": sum(c.frames for c in guard.tracks.values()) if guard else 0,
+        "faces_escalated": sum(n for t, n in per_track.items() if esc.level.get(t)),
+        "faces_blurred": sum(n for t, n in per_track.items() if esc.blurred(t)),
+        "tracks_escalated": sum(1 for t in per_track if esc.level.get(t)),
+        "max_similarity": round(max((c.max_similarity for c in guard.tracks.values()),
+                                    default=-1.0), 4) if guard else None,
+        "threshold": guard.threshold if guard else None,
+    }

@@ -91,9 +91,14 @@ class Key:
         return _hkdf(self._b, f"vidanon/{purpose}/v1", length)
 
 
-def track_key(master: Key, job_id: str, track_id: int) -> Key:
-    """Per-track key: HKDF(master, salt=job id, info=track id); one-way and independent."""
-    return Key(_hkdf(master.reveal(), f"vidanon/track/{int(track_id)}/v1", salt=job_id.encode()))
+def track_key(master: Key, job_id: str, track_id: int, epoch: int = 0) -> Key:
+    """Per-track key: HKDF(master, salt=job id, info=track id); one-way and independent.
+
+    ``epoch`` > 0 gives the track a fresh key (the privacy guard's second escalation) that
+    is still derived from the master, so recovery needs nothing new from the keyring.
+    """
+    info = f"vidanon/track/{int(track_id)}/v1" + (f"/e{int(epoch)}" if epoch else "")
+    return Key(_hkdf(master.reveal(), info, salt=job_id.encode()))
 
 
 def new_job_id() -> str:

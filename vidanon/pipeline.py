@@ -30,6 +30,13 @@ from vidanon.detect import make_detector
 from vidanon.diffusion.engine import Engine, EngineSettings
 from vidanon.diffusion.models import FaceModel, load_model
 from vidanon.errors import KeyMaterialError, SidecarError, VidanonError
+from vidanon.guard import (
+    THRESHOLD_SOURCE,
+    Escalations,
+    PrivacyGuard,
+    escalated_plan,
+    privacy_summary,
+)
 from vidanon.keys import Key, Keyring, new_job_id, read_track_key, track_key
 from vidanon.media import EncodeSettings, VideoWriter, probe, read_frames
 from vidanon.render import FaceJob, FrameRenderer
@@ -48,6 +55,7 @@ class RunResult:
     blurred: int
     keyring: Path
     timings: dict = field(default_factory=dict)
+    privacy: dict = field(default_factory=dict)
 
 
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
@@ -127,20 +135,25 @@ def engine_strength(model: FaceModel, settings: dict) -> float:
 
 def _render(src: Path, output: Path, info, model: FaceModel, settings: dict,
             keys: dict[int, Key], plan: dict[int, list[FaceJob]], what: str,
-            quiet: bool) -> None:
+            quiet: bool, observer=None, grow: dict[int, float] | None = None,
+            base: Path | None = None) -> None:
     """Decode ``src``, apply the keyed transform to the planned faces, encode to ``output``.
 
     ``what`` is "anonymize" or "recover"; both are the same keyed transform (an involution).
+    ``grow``: tracks whose face mask is enlarged (by that factor of the oval's radii).
+    ``base``: an earlier output to paint the planned faces onto (cut from ``src``).
     """
     engine = Engine(model, engine_settings(model, settings))
     transform = engine.anonymize if what == "anonymize" else engine.recover
+    masks = {t: oval_mask(model.spec, grow=g) for t, g in (grow or {}).items() if g != 1.0}
     renderer = FrameRenderer(model.spec, oval_mask(model.spec),
                              float(settings["faces"]["feather"]), transform, keys,
-                             engine.settings.batch_size)
+                             engine.settings.batch_size, observer=observer, track_masks=masks)
     with VideoWriter(output, info, _encode_settings(settings), audio_from=src) as writer:
-        frames = tqdm(read_frames(src), total=info.frames, desc=what, unit="f",
+        frames = tqdm(read_frames(base or src), total=info.frames, desc=what, unit="f",
                       disable=quiet, leave=False)
-        for frame in renderer.render(frames, lambda f: plan.get(f, [])):
+        sources = read_frames(src) if base is not None else None
+        for frame in renderer.render(frames, lambda f: plan.get(f, []), sources):
             writer.write(frame)
 
 
@@ -251,13 +264,41 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
             from vidanon.identity import link_tracks
 
             key_track = link_tracks(inp, tracks)
-        keys = {t: track_key(master, job_id, key_track[t]) for t in key_track}
-
         tmp_video = publish.temp_path(output, output.suffix or ".mp4")
         temps.append(tmp_video)
-        _render(inp, tmp_video, info, model, settings, keys, plan, "anonymize", quiet)
+        # Render and check every replaced face; tracks that still match their original are
+        # escalated and re-rendered, alone, from the input onto the output made so far.
+        g = settings["guard"]
+        esc = Escalations(dict(key_track), float(g["mask_grow"]))
+        guard = PrivacyGuard(spec, float(g["threshold"])) if g["verify"] else None
+
+        def keys_now() -> dict[int, Key]:
+            return {t: track_key(master, job_id, esc.key_track[t], esc.epoch(t))
+                    for t in key_track}
+
+        _render(inp, tmp_video, info, model, settings, keys_now(), plan, "anonymize", quiet,
+                observer=guard.observe if guard else None)
+        failing = guard.failing() if guard is not None else []
+        while failing:
+            log.info("privacy guard: %d track(s) still match the original; escalating",
+                     len(failing))
+            esc.escalate(failing)
+            guard.reset([t for t in failing if not esc.blurred(t)])
+            redo = {f: [j for j in jobs if j.track_id in failing]
+                    for f, jobs in escalated_plan(plan, esc).items()}
+            nxt = publish.temp_path(output, output.suffix or ".mp4")
+            temps.append(nxt)
+            _render(inp, nxt, info, model, settings, keys_now(), redo, "anonymize", quiet,
+                    observer=guard.observe, grow={t: esc.grow(t) for t in failing},
+                    base=tmp_video)
+            os.replace(nxt, tmp_video)
+            temps.remove(nxt)
+            failing = [t for t in guard.failing() if not esc.blurred(t)]
+        keys = keys_now()
+        plan = escalated_plan(plan, esc)
+        key_track = esc.key_track
         doc = _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
-                             key_track, rendered=tmp_video)
+                             key_track, rendered=tmp_video, guard=guard, esc=esc)
         sidecar.sign(doc, master, keys)
         temps.append(publish.write_temp_sidecar(output, doc))
         publish.publish(temps[0], temps[1], output, overwrite)
@@ -281,7 +322,9 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     side = sidecar.sidecar_path(output)
     faces = sum(len(v) for v in plan.values())
     blurred = sum(j.mode == "blur" for v in plan.values() for j in v)
-    return RunResult(output, side, job_id, len(tracks), faces, blurred, ring.path)
+    privacy = privacy_summary(guard, esc, plan)
+    return RunResult(output, side, job_id, len(tracks), faces, blurred, ring.path,
+                     privacy=privacy)
 
 
 def _now() -> str:
@@ -289,7 +332,8 @@ def _now() -> str:
 
 
 def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
-                   key_track, rendered: Path | None = None) -> dict:
+                   key_track, rendered: Path | None = None, guard: PrivacyGuard | None = None,
+                   esc: Escalations | None = None) -> dict:
     per_track: dict[int, list] = {tr.id: [] for tr in tracks}
     for f in sorted(plan):
         for job in plan[f]:
@@ -308,6 +352,9 @@ def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, key
         "model": model.spec.as_dict(),
         "settings": settings,
         "linked_identities": {str(t): k for t, k in key_track.items() if t != k},
+        "privacy_guard": ({"recogniser": "MobileFaceNet", "threshold": guard.threshold,
+                           "threshold_source": THRESHOLD_SOURCE} if guard is not None
+                          else {"verified": False}),
         "tracks": [
             {
                 "id": tr.id,
@@ -316,11 +363,26 @@ def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, key
                 "first_frame": tr.first,
                 "last_frame": tr.last,
                 "detected_frames": len(tr.detected),
+                **_track_privacy(tr.id, guard, esc),
                 "frames": per_track[tr.id],
             }
             for tr in tracks
         ],
     }
+
+
+def _track_privacy(tid: int, guard: PrivacyGuard | None, esc: Escalations | None) -> dict:
+    """What recovery must repeat (mask growth, key epoch) and what the guard found."""
+    out: dict = {}
+    if esc is not None and esc.level.get(tid):
+        out["key_epoch"] = esc.epoch(tid)
+        out["mask_grow"] = esc.grow(tid)
+        out["escalations"] = esc.steps(tid)
+        if esc.blurred(tid):
+            out["note"] = "blurred by the privacy guard: this track cannot be recovered"
+    if guard is not None and tid in guard.tracks:
+        out["privacy"] = guard.tracks[tid].as_dict(guard.threshold)
+    return out
 
 
 def recover(video: Path, track_ids: list[int], output: Path | None = None,
@@ -361,7 +423,7 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
                                        f"not job {doc['job_id']} track {tid}")
             key = file_key
         else:
-            key = track_key(master, doc["job_id"], kt)
+            key = track_key(master, doc["job_id"], kt, int(entry.get("key_epoch", 0)))
         if key.id != entry["key_id"]:
             raise KeyMaterialError(f"wrong key for track {tid}: its key id does not match")
         sidecar.verify(doc, tid, key)
@@ -380,5 +442,6 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
                 m = np.asarray(rec["m"], np.float64).reshape(2, 3)
                 plan.setdefault(int(rec["f"]), []).append(FaceJob(tid, m, "diffusion"))
 
-    _render(video, output, info, model, settings, keys, plan, "recover", quiet)
+    grow = {tid: float(sidecar.track_entry(doc, tid).get("mask_grow", 1.0)) for tid in keys}
+    _render(video, output, info, model, settings, keys, plan, "recover", quiet, grow=grow)
     return output

@@ -65,13 +65,13 @@ class FrameRenderer:
     def _mask(self, track_id: int) -> tuple[np.ndarray, np.ndarray]:
         return self.track_masks.get(track_id, (self.mask, self.alpha))
 
-    def _flush(self, window: list[tuple[Frame, list[FaceJob]]]) -> Iterator[Frame]:
+    def _flush(self, window: list[tuple[Frame, list[FaceJob], np.ndarray]]) -> Iterator[Frame]:
         crops, where = [], []
         size = self.spec.crop_size
-        for wi, (frame, jobs) in enumerate(window):
+        for wi, (_, jobs, source) in enumerate(window):
             for job in jobs:
                 if job.mode == "diffusion":
-                    crops.append(warp_crop(frame.image, job.matrix, size))
+                    crops.append(warp_crop(source, job.matrix, size))
                     where.append((wi, job))
         if crops:
             x = to_tensor_batch(crops)
@@ -82,22 +82,27 @@ class FrameRenderer:
             if self.observer is not None:
                 out = [warp_crop(window[wi][0].image, job.matrix, size) for wi, job in where]
                 self.observer([(j.track_id, window[wi][0].index) for wi, j in where], crops, out)
-        for frame, jobs in window:
+        for frame, jobs, _ in window:
             for job in jobs:
                 if job.mode == "blur":
-                    blur_face(frame.image, job.matrix, self.spec, self.alpha)
+                    blur_face(frame.image, job.matrix, self.spec, self._mask(job.track_id)[1])
             yield frame
 
-    def render(self, frames: Iterable[Frame],
-               plan: Callable[[int], list[FaceJob]]) -> Iterator[Frame]:
-        window: list[tuple[Frame, list[FaceJob]]] = []
+    def render(self, frames: Iterable[Frame], plan: Callable[[int], list[FaceJob]],
+               sources: Iterable[Frame] | None = None) -> Iterator[Frame]:
+        """Transform the planned faces of ``frames``; with ``sources`` (frames in lockstep),
+        faces are cut from those and pasted into ``frames``: the privacy guard re-renders
+        only its escalated tracks, from the input, onto an already anonymized video."""
+        window: list[tuple[Frame, list[FaceJob], np.ndarray]] = []
         pending = 0
+        src_iter = iter(sources) if sources is not None else None
         for frame in frames:
+            source = next(src_iter).image if src_iter is not None else frame.image
             jobs = plan(frame.index)
             if not jobs and not window:
                 yield frame
                 continue
-            window.append((frame, jobs))
+            window.append((frame, jobs, source))
             pending += sum(j.mode == "diffusion" for j in jobs)
             if pending >= self.batch_size or len(window) >= self.max_window:
                 yield from self._flush(window)

@@ -1,0 +1,124 @@
+"""The privacy guard: every replaced face is checked, leaking tracks are escalated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vidanon import sidecar
+from vidanon.align import warp_crop
+from vidanon.cli import app
+from vidanon.diffusion.engine import Engine
+from vidanon.diffusion.models import tiny_pixel
+from vidanon.guard import PrivacyGuard
+from vidanon.media import cut, read_frames
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--model", "tiny-pixel", "--set", "diffusion.steps=3", "--set", "diffusion.refine=1",
+        "--quiet"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clip") / "crowd6.mp4"
+    cut(REPO / "samples" / "crowd.mp4", out, 1.0, 6 / 29.97)
+    return out
+
+
+def test_guard_scores_identical_faces_as_a_match_and_noise_as_not():
+    g = PrivacyGuard(tiny_pixel().spec)
+    rng = np.random.default_rng(0)
+    face = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    smooth = np.full_like(face, 128)  # MobileFaceNet cosine to the noise "face": ~0.37
+    g.observe([(1, 0), (2, 0)], [face, face], [face.copy(), smooth])
+    assert g.tracks[1].max_similarity > 0.99 and g.failing() == [1]
+    assert g.tracks[2].max_similarity < g.threshold
+
+
+def test_forced_leak_is_escalated_to_blur_and_recorded(clip, tmp_path, monkeypatch):
+    # A broken transform that returns its input: every face would be published unchanged.
+    monkeypatch.setattr(Engine, "anonymize", lambda self, x, m, k: x.clone())
+    out, ring = tmp_path / "leak.anon.mp4", tmp_path / "ring.json"
+    res = runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring), *FAST])
+    assert res.exit_code == 0, res.output
+    doc = sidecar.read(sidecar.sidecar_path(out))
+    assert doc["privacy_guard"]["threshold"] == pytest.approx(0.4504)
+    escalated = [t for t in doc["tracks"] if t.get("escalations")]
+    assert escalated, "the guard let unchanged faces through"
+    for t in escalated:
+        assert t["escalations"] == ["mask", "key", "blur"]
+        assert "cannot be recovered" in t["note"]
+        assert t["privacy"]["max_similarity"] >= t["privacy"]["threshold"]
+        assert all(r["mode"] == "blur" for r in t["frames"])
+    line = next(x for x in res.output.splitlines() if x.startswith("privacy:"))
+    assert "escalated" in line and " 0 blurred" not in line
+
+
+def test_recovery_after_a_key_escalation(clip, tmp_path, monkeypatch):
+    # Fail every track twice (mask, then key), so the output is made with epoch-1 keys.
+    calls = {"n": 0}
+
+    def failing(self):
+        calls["n"] += 1
+        return sorted(self.tracks) if calls["n"] <= 2 else []
+
+    monkeypatch.setattr(PrivacyGuard, "failing", failing)
+    out, ring = tmp_path / "esc.anon.mp4", tmp_path / "ring.json"
+    res = runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring), *FAST])
+    assert res.exit_code == 0, res.output
+    doc = sidecar.read(sidecar.sidecar_path(out))
+    tr = max(doc["tracks"], key=lambda t: len(t["frames"]))
+    assert tr["key_epoch"] == 1 and tr["mask_grow"] == pytest.approx(1.2)
+    assert tr["escalations"] == ["mask", "key"]
+    rec = tmp_path / "rec.mp4"
+    res = runner.invoke(app, ["recover", str(out), "--track", str(tr["id"]), "--keyring",
+                              str(ring), "-o", str(rec), "--quiet", "--model", "tiny-pixel"])
+    assert res.exit_code == 0, res.output
+    # The recovered track's faces are far closer to the originals than the anonymized ones.
+    def crops(path):
+        frames = {f.index: f.image for f in read_frames(path)}
+        return [warp_crop(frames[x["f"]], np.asarray(x["m"]).reshape(2, 3), 32).astype(float)
+                for x in tr["frames"]]
+
+    o, a, r = crops(clip), crops(out), crops(rec)
+    err_a = np.mean([np.abs(x - y).mean() for x, y in zip(o, a)])
+    err_r = np.mean([np.abs(x - y).mean() for x, y in zip(o, r)])
+    assert err_r < 0.5 * err_a, (err_a, err_r)
+
+
+def test_tampered_mask_record_is_refused(clip, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def failing(self):
+        calls["n"] += 1
+        return sorted(self.tracks) if calls["n"] == 1 else []
+
+    monkeypatch.setattr(PrivacyGuard, "failing", failing)
+    out, ring = tmp_path / "m.anon.mp4", tmp_path / "ring.json"
+    assert runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring),
+                               *FAST]).exit_code == 0
+    side = sidecar.sidecar_path(out)
+    doc = json.loads(side.read_text())
+    tr = next(t for t in doc["tracks"] if t.get("mask_grow"))
+    tr["mask_grow"] = 1.0  # recovery with the wrong mask would silently give a wrong face
+    side.write_text(json.dumps(doc))
+    res = runner.invoke(app, ["recover", str(out), "--track", str(tr["id"]), "--keyring",
+                              str(ring), "-o", str(tmp_path / "r.mp4"), "--quiet", "--model",
+                              "tiny-pixel"])
+    assert res.exit_code != 0 and "altered" in res.output
+
+
+def test_no_verify_skips_the_guard(clip, tmp_path):
+    out, ring = tmp_path / "nv.anon.mp4", tmp_path / "ring.json"
+    res = runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring),
+                              "--no-verify", *FAST])
+    assert res.exit_code == 0, res.output
+    assert "privacy: not verified" in res.output
+    doc = sidecar.read(sidecar.sidecar_path(out))
+    assert doc["privacy_guard"] == {"verified": False}
+    assert not any("privacy" in t for t in doc["tracks"])
