@@ -151,7 +151,7 @@ def anonymize(src: Path, settings: dict, variant: str, extra: list[str]) -> tupl
     out.parent.mkdir(parents=True, exist_ok=True)
     ring = Path(tempfile.mkdtemp()) / "keys.json"
     t0 = time.perf_counter()
-    run(src, out, ring, settings, quiet=True)
+    run(src, out, ring, settings, quiet=True, overwrite=True)
     shutil.rmtree(ring.parent, ignore_errors=True)
     return out, time.perf_counter() - t0
 

@@ -27,7 +27,7 @@ from vidanon.prior.autoencoder import DOWNSCALE as TAE_DOWNSCALE
 diffusers_logging.set_verbosity_error()
 
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "prior" / "weights"
-BUNDLED_NAME = "vidanon/face-prior-64"
+BUNDLED_NAME = "vidanon/face-prior-latent128"
 
 # Landmarks (left eye, right eye, nose tip, left and right mouth corner) as fractions of
 # the crop side, for crops aligned like FFHQ / CelebA-HQ (which ldm-celebahq-256 was
