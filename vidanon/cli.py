@@ -170,8 +170,9 @@ def run(
                     raise typer.Exit(1)
                 return
             res = one(input, output)
+            small = res.blurred - res.privacy.get("faces_blurred", 0)
             typer.echo(f"wrote {res.output} ({res.tracks} tracks, {res.faces} faces, "
-                       f"{res.blurred} blurred as too small)")
+                       f"{small} blurred as too small)")
             typer.echo(f"sidecar: {res.sidecar}")
             typer.echo(privacy_line(res.privacy))
             typer.echo(f"keys added to keyring: {res.keyring} (job {res.job_id})")
