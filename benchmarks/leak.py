@@ -22,6 +22,7 @@ baseline. Clips: the four shared large-face clips and ``samples/crowd.mp4``, the
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -101,9 +102,9 @@ def source_clip(clip: Path, seconds: float) -> Path:
     dst = CACHE / "src" / f"{clip.stem}_{seconds:g}s.mp4"
     if not dst.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(".tmp-" + dst.name)
+        tmp = dst.with_name(f".tmp-{os.getpid()}-{dst.name}")
         cut(clip, tmp, 0.0, seconds, EncodeSettings(lossless=True))
-        tmp.replace(dst)
+        tmp.replace(dst)  # two runs at once write the same bytes
     return dst
 
 

@@ -16,7 +16,8 @@ import os
 from benchmarks._common import RESULTS, ROOT, cpu_model, git_commit
 
 DOC = ROOT / "docs" / "benchmarks.md"
-SECTIONS = ["quality", "recovery", "temporal", "prior", "steps", "detect", "speed"]
+SECTIONS = ["leak", "leak_noguard", "quality", "prior", "recovery", "temporal", "steps", "detect",
+            "speed", "concurrent_runs"]
 
 
 def _load(name: str) -> dict | None:

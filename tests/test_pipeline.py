@@ -58,11 +58,13 @@ def _face_weights(doc: dict, shape, track: int | None = None, exclude: int | Non
     import cv2
 
     spec = tiny_pixel().spec
-    alpha = paste_alpha(spec, doc["settings"]["faces"]["feather"])
     maps = [np.zeros(shape[:2], np.float32) for _ in range(doc["input"]["frames"])]
     for tr in doc["tracks"]:
         if (track is not None and tr["id"] != track) or tr["id"] == exclude:
             continue
+        # A track the privacy guard escalated was pasted through its larger mask.
+        alpha = paste_alpha(spec, doc["settings"]["faces"]["feather"],
+                            oval_mask(spec, grow=tr.get("mask_grow", 1.0)))
         for rec in tr["frames"]:
             m = np.asarray(rec["m"]).reshape(2, 3)
             a = cv2.warpAffine(alpha, m, (shape[1], shape[0]), flags=cv2.WARP_INVERSE_MAP)

@@ -16,7 +16,7 @@ from vidanon.track import FaceTracker, Track, fill_gaps, pad_track
 def test_presets_layer_and_overrides_are_checked():
     s = load_settings("cctv", ["diffusion.steps=3", "encode.lossless=true"])
     assert s["detect"]["scale"] == 2.0 and s["diffusion"]["steps"] == 3
-    assert s["encode"]["lossless"] is True and s["diffusion"]["refine"] == 12
+    assert s["encode"]["lossless"] is True and s["diffusion"]["refine"] == 4  # default.yaml
     assert s["diffusion"]["strength"] is None  # resolved from the model at run time
     # recoverable (lossless) by default; the publish preset trades that for small files
     assert load_settings()["encode"]["lossless"] is True

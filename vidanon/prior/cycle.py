@@ -87,7 +87,8 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
     if state.exists():
         ck = torch.load(state, map_location="cpu", weights_only=True)
         dec.load_state_dict(ck["decoder"])
-        opt.load_state_dict(ck["opt"])
+        if "opt" in ck:  # committed states keep the decoder only (size limit)
+            opt.load_state_dict(ck["opt"])
         step = int(ck["step"])
     # Anonymized latents differ from the original inside the (latent-resolution) face mask;
     # the decoded crop is pasted back through a feathered alpha around the pixel oval.

@@ -63,3 +63,18 @@ def channel_stats(latents: np.ndarray) -> tuple[list[float], list[float]]:
     mean = x.mean(axis=(0, 2, 3))
     std = x.std(axis=(0, 2, 3))
     return [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
+
+
+def main() -> None:
+    """``python -m vidanon.prior.latents FACES.npz OUT.npz``: build the latent cache."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m vidanon.prior.latents")
+    ap.add_argument("faces")
+    ap.add_argument("out", type=Path)
+    a = ap.parse_args()
+    encode_cache(a.faces, a.out)
+
+
+if __name__ == "__main__":
+    main()
