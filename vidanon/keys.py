@@ -219,7 +219,7 @@ def _unseal(doc: dict, passphrase: str | None, what: str = "keyring",
         raise KeyMaterialError(f"wrong passphrase, or the {what} file was altered") from None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -361,7 +361,7 @@ class Keyring:
             for job_id, e in list(jobs.items()):
                 if (e.get("status") == PENDING and e.get("host") == host
                         and job_id not in self._changes
-                        and not _pid_alive(int(e.get("pid", 0) or 0))):
+                        and not pid_alive(int(e.get("pid", 0) or 0))):
                     if self._prune(job_id, e):
                         jobs[job_id] = {**e, "status": COMPLETE}
                     else:

@@ -1,8 +1,9 @@
 """The whole data flow of vidanon, wiring only.
 
-run:      probe -> [decode -> detect -> track] -> plan per frame -> keys
-          -> [decode -> align -> engine.anonymize (batched) -> paste -> encode + audio]
-          -> sidecar (signed) ; master key -> keyring
+run:      probe -> keyring (job pending) -> [decode -> detect -> track] -> plan -> keys
+          -> [decode -> align -> engine.anonymize (batched) -> paste -> guard -> encode + audio]
+          -> escalate tracks the guard flags, re-render them alone onto the output
+          -> sidecar (signed) -> publish video + sidecar together -> keyring (job complete)
 recover:  sidecar (verify with the track key) -> [decode -> align with stored transforms
           -> engine.recover (same keyed transform) -> paste -> encode + audio]
 

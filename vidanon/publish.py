@@ -31,19 +31,10 @@ from pathlib import Path
 
 from vidanon import sidecar
 from vidanon.errors import VidanonError
+from vidanon.keys import pid_alive
 
 PREV = ".vidanon-prev"
 TXN = ".vidanon-txn"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
 
 
 def partial_prefix(out: Path) -> str:
@@ -73,7 +64,7 @@ def clean_stale(out: Path) -> list[Path]:
         if not pid_text.isdigit():  # an older name without pid: nobody can be writing it
             alive = False
         else:
-            alive = int(pid_text) != os.getpid() and _pid_alive(int(pid_text))
+            alive = int(pid_text) != os.getpid() and pid_alive(int(pid_text))
         if not alive:
             with contextlib.suppress(OSError):
                 Path(name).unlink()
