@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def markdown(res: dict) -> str:
     thr = res["thresholds"]
-    lines = [f"# Video leak (outside judge), variant `{res['variant']}`", "",
+    lines = [f"## Video leak (outside judge), variant `{res['variant']}`", "",
              "CenterFace finds faces in the original frames (first "
              f"{res['seconds']:g} s, every {res['every']}th frame); each is compared with the "
              "same region of the output. Matched = similarity at or above the threshold at FAR "
