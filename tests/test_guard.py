@@ -57,6 +57,8 @@ def test_forced_leak_is_escalated_to_blur_and_recorded(clip, tmp_path, monkeypat
         assert all(r["mode"] == "blur" for r in t["frames"])
     line = next(x for x in res.output.splitlines() if x.startswith("privacy:"))
     assert "escalated" in line and " 0 blurred" not in line
+    shown = runner.invoke(app, ["inspect", str(sidecar.sidecar_path(out))]).output
+    assert "mask -> key -> blur (blurred: not recoverable)" in shown
 
 
 def test_recovery_after_a_key_escalation(clip, tmp_path, monkeypatch):

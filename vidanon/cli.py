@@ -327,6 +327,14 @@ def inspect(sidecar_file: Annotated[Path, typer.Argument(metavar="SIDECAR")]) ->
                    f"key id {tr['key_id']}"
                    + (f", linked to track {tr['key_track']}"
                       if tr.get("key_track", tr["id"]) != tr["id"] else ""))
+        pv = tr.get("privacy")
+        if pv:
+            esc = ", escalated: " + " -> ".join(tr["escalations"]) if tr.get("escalations") else ""
+            typer.echo(f"    privacy guard: {pv['frames_checked']} frames checked, max similarity "
+                       f"{pv['max_similarity']:.3f} (threshold {pv['threshold']}){esc}"
+                       + (" (blurred: not recoverable)" if tr.get("note") else ""))
+    if doc.get("privacy_guard", {}).get("verified") is False:
+        typer.echo("privacy guard: off (--no-verify)")
 
 
 @app.command(cls=_Command)
