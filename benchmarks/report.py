@@ -76,9 +76,10 @@ def header() -> str:
         "steps use the bundled CPU-trained prior (see its model card) and the default preset.",
         "",
         "**Which model.** Since session 3 the bundled prior is the latent 128-px prior: the "
-        "leak, quality and prior sections measure it. Recovery, temporal, steps, detect and "
-        "speed were last run in session 2 with the retired 64-px pixel prior (their commits "
-        "are listed above) and are kept until re-run; read them as history.",
+        "leak, quality, prior, recovery and temporal (head_motion_a only) sections measure "
+        "it. Steps, detect and speed were last run in session 2 with the retired 64-px pixel "
+        "prior (their commits are listed above) and are kept until re-run; read them as "
+        "history.",
         "",
         "**Caveats.** CPU only: no GPU has been lent to this project's sessions yet, so GPU "
         "numbers are pending; the H100 figures below are a compute-limit derivation, not a "
