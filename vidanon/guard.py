@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
-from vidanon.align import similarity
 from vidanon.diffusion.models import ModelSpec, template_points
-from vidanon.identity import ARCFACE_112, MOBILEFACENET
+from vidanon.identity import FaceEmbedder
 from vidanon.render import FaceJob
 
 MFN_THRESHOLD = 0.4504
@@ -51,19 +49,12 @@ class PrivacyGuard:
     tracks: dict[int, TrackCheck] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._net = cv2.dnn.readNetFromONNX(str(MOBILEFACENET))
-        self._m = similarity(template_points(self.spec), ARCFACE_112)
+        self._embedder = FaceEmbedder()
+        self._pts = template_points(self.spec)
 
     def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
         """Unit MobileFaceNet embeddings of aligned crops, one network call per batch."""
-        if not crops_bgr:
-            return np.zeros((0, 128), np.float32)
-        faces = np.stack([cv2.warpAffine(c, self._m, (112, 112), flags=cv2.INTER_LINEAR)
-                          for c in crops_bgr])
-        blob = (faces[..., ::-1].astype(np.float32) - 127.5) / 128.0
-        self._net.setInput(np.ascontiguousarray(blob.transpose(0, 3, 1, 2)))
-        e = self._net.forward().reshape(len(crops_bgr), -1)
-        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-9)
+        return self._embedder.many(crops_bgr, self._pts)
 
     def observe(self, faces: list[tuple[int, int]], originals: list[np.ndarray],
                 anonymized: list[np.ndarray]) -> None:
@@ -113,9 +104,6 @@ class Escalations:
 
     def blurred(self, t: int) -> bool:
         return self.level.get(t, 0) >= 3
-
-    def exhausted(self, track_ids: list[int]) -> bool:
-        return all(self.blurred(t) for t in track_ids)
 
 
 def escalated_plan(plan: dict[int, list[FaceJob]], esc: Escalations) -> dict[int, list[FaceJob]]:

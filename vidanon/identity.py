@@ -27,12 +27,20 @@ class FaceEmbedder:
         self._net = cv2.dnn.readNetFromONNX(str(model_path))
 
     def __call__(self, frame: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        return self.many([frame], landmarks)[0]
+
+    def many(self, images: list[np.ndarray], landmarks: np.ndarray) -> np.ndarray:
+        """Unit embeddings (N, 128) of BGR images whose faces sit at the same ``landmarks``
+        (aligned crops), in one network call: the privacy guard embeds every face."""
+        if not images:
+            return np.zeros((0, 128), np.float32)
         m = similarity(landmarks, ARCFACE_112)
-        crop = cv2.warpAffine(frame, m, (112, 112), flags=cv2.INTER_LINEAR)
-        blob = (crop[..., ::-1].astype(np.float32) - 127.5) / 128.0
-        self._net.setInput(np.ascontiguousarray(blob.transpose(2, 0, 1)[None]))
-        e = self._net.forward().ravel()
-        return e / max(float(np.linalg.norm(e)), 1e-9)
+        crops = np.stack([cv2.warpAffine(im, m, (112, 112), flags=cv2.INTER_LINEAR)
+                          for im in images])
+        blob = (crops[..., ::-1].astype(np.float32) - 127.5) / 128.0
+        self._net.setInput(np.ascontiguousarray(blob.transpose(0, 3, 1, 2)))
+        e = self._net.forward().reshape(len(images), -1)
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-9)
 
 
 def _best_frames(tr: Track, k: int) -> list[int]:

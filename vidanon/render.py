@@ -51,7 +51,6 @@ class FrameRenderer:
                  track_masks: dict[int, np.ndarray] | None = None) -> None:
         self.spec = spec
         self.mask = mask
-        self.feather = feather
         self.alpha = paste_alpha(spec, feather, mask)
         self.transform = transform
         self.keys = keys

@@ -20,8 +20,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
 from diffusers.utils import logging as diffusers_logging
 
 from vidanon.errors import VidanonError
-from vidanon.prior.autoencoder import BUNDLED_TAEF2, TinyAutoencoder
 from vidanon.prior.autoencoder import DOWNSCALE as TAE_DOWNSCALE
+from vidanon.prior.autoencoder import TinyAutoencoder, load_taef2
 
 # diffusers' load-time advice (accelerate, dtype casts) is noise in a CLI's output.
 diffusers_logging.set_verbosity_error()
@@ -167,24 +167,6 @@ def _scaling_factor(vae) -> float:
     return float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
 
 
-def _load_tae(path: Path, meta: dict) -> TinyAutoencoder:
-    """TAEF2 for a model folder: halves from ``path/taef2`` where present (a fine-tuned,
-    cycle-consistent decoder), else the stock ones shipped with vidanon; the folder's latent
-    statistics normalise it."""
-    own = path / "taef2"
-    ae = TinyAutoencoder()
-    for half, module in (("encoder", ae.encoder), ("decoder", ae.decoder)):
-        f = own / f"taef2_{half}.pth"
-        src = f if f.exists() else BUNDLED_TAEF2 / f"taef2_{half}.pth"
-        module.load_state_dict({k: v.float() for k, v in
-                                torch.load(src, map_location="cpu", weights_only=True).items()})
-    stats = meta.get("latent_stats")
-    if stats:
-        ae.shift.copy_(torch.tensor(stats["shift"]))
-        ae.scale.copy_(torch.tensor(stats["scale"]))
-    return ae.eval().requires_grad_(False)
-
-
 def load_folder(path: Path, name: str | None = None) -> FaceModel:
     """Load a diffusers-layout folder (e.g. a local copy of CompVis/ldm-celebahq-256)."""
     path = Path(path)
@@ -195,7 +177,7 @@ def load_folder(path: Path, name: str | None = None) -> FaceModel:
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     vae = None
     if meta.get("autoencoder") == "taef2":
-        vae = _load_tae(path, meta)
+        vae = load_taef2(path / "taef2", meta.get("latent_stats"))
     elif (path / "vqvae").is_dir():
         vae = VQModel.from_pretrained(path / "vqvae")
     elif (path / "vae").is_dir():

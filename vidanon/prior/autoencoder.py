@@ -12,7 +12,6 @@ trained on, so the rest of vidanon sees unit-variance latents and pixels in [-1,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -118,16 +117,17 @@ def _load_state(path: Path) -> dict:
                                                   weights_only=True).items()}
 
 
-def load_taef2(folder: Path = BUNDLED_TAEF2) -> TinyAutoencoder:
-    """The autoencoder in ``folder``: ``taef2_encoder.pth``, ``taef2_decoder.pth`` and an
-    optional ``latent_stats.json`` (per-channel shift and scale)."""
+def load_taef2(folder: Path = BUNDLED_TAEF2, stats: dict | None = None) -> TinyAutoencoder:
+    """TAEF2 with each half (``taef2_encoder.pth``, ``taef2_decoder.pth``) from ``folder``
+    where present (a model's own, e.g. a cycle fine-tuned decoder), else the stock one shipped
+    with vidanon; ``stats`` (``{"shift": [...], "scale": [...]}``) normalises the latents."""
     folder = Path(folder)
     ae = TinyAutoencoder()
-    ae.encoder.load_state_dict(_load_state(folder / "taef2_encoder.pth"))
-    ae.decoder.load_state_dict(_load_state(folder / "taef2_decoder.pth"))
-    stats = folder / "latent_stats.json"
-    if stats.exists():
-        s = json.loads(stats.read_text())
-        ae.shift.copy_(torch.tensor(s["shift"]))
-        ae.scale.copy_(torch.tensor(s["scale"]))
+    for half, module in (("encoder", ae.encoder), ("decoder", ae.decoder)):
+        own = folder / f"taef2_{half}.pth"
+        module.load_state_dict(_load_state(own if own.exists()
+                                           else BUNDLED_TAEF2 / f"taef2_{half}.pth"))
+    if stats:
+        ae.shift.copy_(torch.tensor(stats["shift"]))
+        ae.scale.copy_(torch.tensor(stats["scale"]))
     return ae.eval().requires_grad_(False)
