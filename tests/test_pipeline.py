@@ -18,7 +18,9 @@ from vidanon import sidecar
 from vidanon.align import oval_mask, paste_alpha
 from vidanon.cli import app
 from vidanon.diffusion.models import tiny_pixel
+from vidanon.keys import Key, track_key
 from vidanon.media import cut, probe, read_frames
+from vidanon.pipeline import recovery_masks
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = REPO / "tests" / "data" / "crowd12_expected.json"
@@ -53,20 +55,26 @@ def _psnr(a, b, w) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
 
 
-def _face_weights(doc: dict, shape, track: int | None = None, exclude: int | None = None):
-    """Per frame, a 0/1 map of where faces were pasted (from the sidecar's transforms)."""
+def _face_weights(doc: dict, shape, ring: Path, track: int | None = None,
+                  exclude: int | None = None):
+    """Per frame, a 0/1 map of where faces were pasted: the sidecar's transforms and its
+    sealed face masks, opened with the keyring's key as recovery opens them."""
     import cv2
 
     spec = tiny_pixel().spec
+    master = Key.from_hex(json.loads(ring.read_text())["jobs"][doc["job_id"]]["master"])
+    keys = {tr["id"]: track_key(master, doc["job_id"], tr.get("key_track", tr["id"]),
+                                tr.get("key_epoch", 0)) for tr in doc["tracks"]}
+    masks = recovery_masks(doc, spec, keys)
     maps = [np.zeros(shape[:2], np.float32) for _ in range(doc["input"]["frames"])]
     for tr in doc["tracks"]:
         if (track is not None and tr["id"] != track) or tr["id"] == exclude:
             continue
-        # A track the privacy guard escalated was pasted through its larger mask.
-        alpha = paste_alpha(spec, doc["settings"]["faces"]["feather"],
-                            oval_mask(spec, grow=tr.get("mask_grow", 1.0)))
+        grow = tr.get("mask_grow", 1.0)  # an escalated track was pasted through a larger mask
         for rec in tr["frames"]:
             m = np.asarray(rec["m"]).reshape(2, 3)
+            alpha = (masks.get(tr["id"], rec["f"], None, grow)[1] if rec["mode"] == "diffusion"
+                     else masks.oval(grow)[1])
             a = cv2.warpAffine(alpha, m, (shape[1], shape[0]), flags=cv2.WARP_INVERSE_MAP)
             maps[rec["f"]] = np.maximum(maps[rec["f"]], a)
     return maps
@@ -86,7 +94,7 @@ def test_run_outputs_video_sidecar_and_keeps_key_secret(done):
 
 def test_regression_against_stored_expectations(done):
     """Per-frame: the same faces found as recorded, background near-lossless, faces replaced."""
-    clip, out, _, _ = done
+    clip, out, ring, _ = done
     doc = sidecar.read(sidecar.sidecar_path(out))
     # the model-dependent default is resolved and recorded, so recovery reuses it
     assert doc["settings"]["diffusion"]["strength"] == 1.0  # tiny-pixel recommends none
@@ -97,7 +105,7 @@ def test_regression_against_stored_expectations(done):
             counts[rec["f"]] += 1
     assert counts == exp["faces_per_frame"]
     orig, anon = _frames(clip), _frames(out)
-    maps = _face_weights(doc, orig[0].shape)
+    maps = _face_weights(doc, orig[0].shape, ring)
     for f, (o, a, w) in enumerate(zip(orig, anon, maps)):
         bg = (w == 0).astype(np.float64)[..., None]
         face = (w >= 0.99).astype(np.float64)[..., None]
@@ -114,8 +122,8 @@ def test_recover_restores_only_the_chosen_track(done, tmp_path):
                               "-o", str(rec_path), "--quiet", "--model", "tiny-pixel"])
     assert res.exit_code == 0, res.output
     orig, anon, rec = _frames(clip), _frames(out), _frames(rec_path)
-    chosen = _face_weights(doc, orig[0].shape, track=tid)
-    others = _face_weights(doc, orig[0].shape, exclude=tid)
+    chosen = _face_weights(doc, orig[0].shape, ring, track=tid)
+    others = _face_weights(doc, orig[0].shape, ring, exclude=tid)
     p_anon = np.mean([_psnr(o, a, (w >= 0.99)[..., None] * 1.0)
                       for o, a, w in zip(orig, anon, chosen)])
     p_rec = np.mean([_psnr(o, r, (w >= 0.99)[..., None] * 1.0)

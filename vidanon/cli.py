@@ -138,6 +138,8 @@ def run(
     force: Force = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the privacy guard (faster; no face is checked).")] = False,
+    mask: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Region replaced: face (default), keep-eyes or keep-mouth.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Anonymize every face; write OUTPUT, its sidecar, and the keys to the keyring."""
@@ -150,7 +152,8 @@ def run(
         with _signals_as_exit():
             if not input.exists():
                 raise VidanonError(f"input {input} does not exist")
-            overrides = list(set_ or []) + (["guard.verify=false"] if no_verify else [])
+            overrides = (list(set_ or []) + (["guard.verify=false"] if no_verify else [])
+                         + ([f"faces.mask={mask}"] if mask else []))
             settings = load_settings(config, overrides)
             pick_device(device)
             if not input.is_dir():
@@ -175,6 +178,8 @@ def run(
                        f"{small} blurred as too small)")
             typer.echo(f"sidecar: {res.sidecar}")
             typer.echo(privacy_line(res.privacy))
+            if res.privacy.get("preset_warning"):
+                typer.echo(res.privacy["preset_warning"], err=True)
             typer.echo(f"keys added to keyring: {res.keyring} (job {res.job_id})")
     except VidanonError as exc:
         _fail(exc)

@@ -45,6 +45,8 @@ class TrackSettings(_Section):
 class FaceSettings(_Section):
     min_eye_px: float = Field(ge=0)
     feather: float = Field(ge=0, le=0.5)
+    # Default "oval" for settings written before region masks (old sidecars recover as made).
+    mask: Literal["face", "keep-eyes", "keep-mouth", "oval"] = "oval"
 
 
 class DiffusionSettings(_Section):

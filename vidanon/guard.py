@@ -113,12 +113,20 @@ def escalated_plan(plan: dict[int, list[FaceJob]], esc: Escalations) -> dict[int
 
 
 def privacy_summary(guard: PrivacyGuard | None, esc: Escalations,
-                    plan: dict[int, list[FaceJob]]) -> dict:
-    """Counts for the run's one-line privacy summary (faces = face-frames)."""
+                    plan: dict[int, list[FaceJob]], preset: str = "face") -> dict:
+    """Counts for the run's one-line privacy summary (faces = face-frames), and a warning
+    when a preset that keeps part of the face could not pass the guard."""
     per_track: dict[int, int] = {}
     for jobs in plan.values():
         for j in jobs:
             per_track[j.track_id] = per_track.get(j.track_id, 0) + 1
+    blurred_tracks = sorted(t for t in per_track if esc.blurred(t))
+    warning = None
+    if preset.startswith("keep-") and blurred_tracks:
+        kept = preset.removeprefix("keep-")
+        warning = (f"warning: --mask {preset}: {len(blurred_tracks)} track(s) still matched "
+                   f"the original with the {kept} kept and were blurred (not recoverable): "
+                   f"tracks {', '.join(map(str, blurred_tracks))}")
     return {
         "verified": guard is not None,
         "faces_checked": sum(c.frames for c in guard.tracks.values()) if guard else 0,
@@ -128,4 +136,5 @@ def privacy_summary(guard: PrivacyGuard | None, esc: Escalations,
         "max_similarity": round(max((c.max_similarity for c in guard.tracks.values()),
                                     default=-1.0), 4) if guard else None,
         "threshold": guard.threshold if guard else None,
+        "preset_warning": warning,
     }

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from vidanon import __version__, sidecar
-from vidanon.align import crop_transform, oval_mask, transform_scale
+from vidanon.align import crop_transform, transform_scale
 from vidanon.detect import make_detector
 from vidanon.diffusion.engine import Engine, EngineSettings
 from vidanon.diffusion.models import FaceModel, load_model
@@ -39,6 +39,7 @@ from vidanon.guard import (
     privacy_summary,
 )
 from vidanon.keys import Key, Keyring, new_job_id, read_track_key, track_key
+from vidanon.masks import FaceMasks
 from vidanon.media import EncodeSettings, VideoWriter, probe, read_frames
 from vidanon.render import FaceJob, FrameRenderer
 from vidanon.track import FaceTracker, SceneCuts, Track
@@ -136,20 +137,18 @@ def engine_strength(model: FaceModel, settings: dict) -> float:
 
 def _render(src: Path, output: Path, info, model: FaceModel, settings: dict,
             keys: dict[int, Key], plan: dict[int, list[FaceJob]], what: str,
-            quiet: bool, observer=None, grow: dict[int, float] | None = None,
-            base: Path | None = None) -> None:
+            quiet: bool, masks: FaceMasks, observer=None,
+            grow: dict[int, float] | None = None, base: Path | None = None) -> None:
     """Decode ``src``, apply the keyed transform to the planned faces, encode to ``output``.
 
     ``what`` is "anonymize" or "recover"; both are the same keyed transform (an involution).
-    ``grow``: tracks whose face mask is enlarged (by that factor of the oval's radii).
+    ``masks``: each face's region; ``grow``: tracks whose region is enlarged by that factor.
     ``base``: an earlier output to paint the planned faces onto (cut from ``src``).
     """
     engine = Engine(model, engine_settings(model, settings))
     transform = engine.anonymize if what == "anonymize" else engine.recover
-    masks = {t: oval_mask(model.spec, grow=g) for t, g in (grow or {}).items() if g != 1.0}
-    renderer = FrameRenderer(model.spec, oval_mask(model.spec),
-                             float(settings["faces"]["feather"]), transform, keys,
-                             engine.settings.batch_size, observer=observer, track_masks=masks)
+    renderer = FrameRenderer(model.spec, masks, transform, keys, engine.settings.batch_size,
+                             observer=observer, grow=grow)
     with VideoWriter(output, info, _encode_settings(settings), audio_from=src) as writer:
         frames = tqdm(read_frames(base or src), total=info.frames, desc=what, unit="f",
                       disable=quiet, leave=False)
@@ -272,13 +271,14 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         g = settings["guard"]
         esc = Escalations(dict(key_track), float(g["mask_grow"]))
         guard = PrivacyGuard(spec, float(g["threshold"])) if g["verify"] else None
+        masks = FaceMasks(spec, settings["faces"]["mask"], float(settings["faces"]["feather"]))
 
         def keys_now() -> dict[int, Key]:
             return {t: track_key(master, job_id, esc.key_track[t], esc.epoch(t))
                     for t in key_track}
 
         _render(inp, tmp_video, info, model, settings, keys_now(), plan, "anonymize", quiet,
-                observer=guard.observe if guard else None)
+                masks, observer=guard.observe if guard else None)
         failing = guard.failing() if guard is not None else []
         while failing:
             log.info("privacy guard: %d track(s) still match the original; escalating",
@@ -290,7 +290,7 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
             nxt = publish.temp_path(output, output.suffix or ".mp4")
             temps.append(nxt)
             _render(inp, nxt, info, model, settings, keys_now(), redo, "anonymize", quiet,
-                    observer=guard.observe, grow={t: esc.grow(t) for t in failing},
+                    masks, observer=guard.observe, grow={t: esc.grow(t) for t in failing},
                     base=tmp_video)
             os.replace(nxt, tmp_video)
             temps.remove(nxt)
@@ -298,8 +298,9 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         keys = keys_now()
         plan = escalated_plan(plan, esc)
         key_track = esc.key_track
+        masks.close()
         doc = _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
-                             key_track, rendered=tmp_video, guard=guard, esc=esc)
+                             key_track, rendered=tmp_video, guard=guard, esc=esc, masks=masks)
         sidecar.sign(doc, master, keys)
         temps.append(publish.write_temp_sidecar(output, doc))
         publish.publish(temps[0], temps[1], output, overwrite)
@@ -323,7 +324,7 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     side = sidecar.sidecar_path(output)
     faces = sum(len(v) for v in plan.values())
     blurred = sum(j.mode == "blur" for v in plan.values() for j in v)
-    privacy = privacy_summary(guard, esc, plan)
+    privacy = privacy_summary(guard, esc, plan, settings["faces"]["mask"])
     return RunResult(output, side, job_id, len(tracks), faces, blurred, ring.path,
                      privacy=privacy)
 
@@ -334,7 +335,8 @@ def _now() -> str:
 
 def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
                    key_track, rendered: Path | None = None, guard: PrivacyGuard | None = None,
-                   esc: Escalations | None = None) -> dict:
+                   esc: Escalations | None = None, masks: FaceMasks | None = None) -> dict:
+    sealed = {tr.id: masks.seal(tr.id, keys[tr.id], job_id) for tr in tracks} if masks else {}
     per_track: dict[int, list] = {tr.id: [] for tr in tracks}
     for f in sorted(plan):
         for job in plan[f]:
@@ -365,6 +367,7 @@ def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, key
                 "last_frame": tr.last,
                 "detected_frames": len(tr.detected),
                 **_track_privacy(tr.id, guard, esc),
+                **({"mask": sealed[tr.id]} if sealed.get(tr.id) else {}),
                 "frames": per_track[tr.id],
             }
             for tr in tracks
@@ -384,6 +387,20 @@ def _track_privacy(tid: int, guard: PrivacyGuard | None, esc: Escalations | None
     if guard is not None and tid in guard.tracks:
         out["privacy"] = guard.tracks[tid].as_dict(guard.threshold)
     return out
+
+
+def recovery_masks(doc: dict, spec, keys: dict[int, Key]) -> FaceMasks:
+    """The very masks anonymization used, unsealed with the track keys (never re-traced)."""
+    faces = doc["settings"]["faces"]
+    masks = FaceMasks(spec, faces.get("mask", "oval"), float(faces["feather"]), tracing=False)
+    for tid, key in keys.items():
+        record = sidecar.track_entry(doc, tid).get("mask")
+        if record is not None:
+            masks.unseal(tid, key, doc["job_id"], record)
+        elif masks.uses_landmarks and any(r["mode"] == "diffusion" for r in
+                                          sidecar.track_entry(doc, tid)["frames"]):
+            raise SidecarError(f"track {tid}: the sidecar has no face mask record")
+    return masks
 
 
 def recover(video: Path, track_ids: list[int], output: Path | None = None,
@@ -444,5 +461,6 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
                 plan.setdefault(int(rec["f"]), []).append(FaceJob(tid, m, "diffusion"))
 
     grow = {tid: float(sidecar.track_entry(doc, tid).get("mask_grow", 1.0)) for tid in keys}
-    _render(video, output, info, model, settings, keys, plan, "recover", quiet, grow=grow)
+    masks = recovery_masks(doc, model.spec, keys)
+    _render(video, output, info, model, settings, keys, plan, "recover", quiet, masks, grow=grow)
     return output

@@ -18,12 +18,12 @@ from vidanon.align import (
     blur_face,
     from_tensor_batch,
     paste,
-    paste_alpha,
     to_tensor_batch,
     warp_crop,
 )
 from vidanon.diffusion.models import ModelSpec
 from vidanon.keys import Key
+from vidanon.masks import FaceMasks
 from vidanon.media import Frame
 
 
@@ -45,46 +45,47 @@ Observer = Callable[[list[tuple[int, int]], list[np.ndarray], list[np.ndarray]],
 
 
 class FrameRenderer:
-    def __init__(self, spec: ModelSpec, mask: np.ndarray, feather: float, transform: Transform,
+    """``masks`` gives each face its region (traced on the original crop, or read back from
+    the sidecar for recovery); ``grow`` enlarges the region of escalated tracks."""
+
+    def __init__(self, spec: ModelSpec, masks: FaceMasks, transform: Transform,
                  keys: dict[int, Key], batch_size: int, max_window: int = 64,
                  observer: Observer | None = None,
-                 track_masks: dict[int, np.ndarray] | None = None) -> None:
+                 grow: dict[int, float] | None = None) -> None:
         self.spec = spec
-        self.mask = mask
-        self.alpha = paste_alpha(spec, feather, mask)
+        self.masks = masks
         self.transform = transform
         self.keys = keys
         self.batch_size = batch_size
         self.max_window = max_window
         self.observer = observer
-        # Per-track masks (an escalated track's larger mask), with their paste alphas.
-        self.track_masks = {t: (m, paste_alpha(spec, feather, m))
-                            for t, m in (track_masks or {}).items()}
-
-    def _mask(self, track_id: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.track_masks.get(track_id, (self.mask, self.alpha))
+        self.grow = grow or {}
 
     def _flush(self, window: list[tuple[Frame, list[FaceJob], np.ndarray]]) -> Iterator[Frame]:
-        crops, where = [], []
+        crops, where, regions = [], [], []
         size = self.spec.crop_size
-        for wi, (_, jobs, source) in enumerate(window):
+        for wi, (frame, jobs, source) in enumerate(window):
             for job in jobs:
                 if job.mode == "diffusion":
-                    crops.append(warp_crop(source, job.matrix, size))
+                    crop = warp_crop(source, job.matrix, size)
+                    crops.append(crop)
                     where.append((wi, job))
+                    regions.append(self.masks.get(job.track_id, frame.index, crop,
+                                                  self.grow.get(job.track_id, 1.0)))
         if crops:
             x = to_tensor_batch(crops)
-            m = torch.from_numpy(np.stack([self._mask(j.track_id)[0] for _, j in where]))[:, None]
+            m = torch.from_numpy(np.stack([r[0] for r in regions]))[:, None]
             y = from_tensor_batch(self.transform(x, m, [self.keys[j.track_id] for _, j in where]))
-            for (wi, job), crop in zip(where, y):
-                paste(window[wi][0].image, crop, job.matrix, self._mask(job.track_id)[1])
+            for (wi, job), crop, (_, alpha) in zip(where, y, regions):
+                paste(window[wi][0].image, crop, job.matrix, alpha)
             if self.observer is not None:
                 out = [warp_crop(window[wi][0].image, job.matrix, size) for wi, job in where]
                 self.observer([(j.track_id, window[wi][0].index) for wi, j in where], crops, out)
         for frame, jobs, _ in window:
             for job in jobs:
                 if job.mode == "blur":
-                    blur_face(frame.image, job.matrix, self.spec, self._mask(job.track_id)[1])
+                    alpha = self.masks.oval(self.grow.get(job.track_id, 1.0))[1]
+                    blur_face(frame.image, job.matrix, self.spec, alpha)
             yield frame
 
     def render(self, frames: Iterable[Frame], plan: Callable[[int], list[FaceJob]],
