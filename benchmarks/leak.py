@@ -145,16 +145,17 @@ def judge_clip(judge: Judge, src: Path, anon: Path, every: int, thr: dict,
     return out
 
 
-def anonymize(src: Path, settings: dict, variant: str, extra: list[str]) -> tuple[Path, float]:
+def anonymize(src: Path, settings: dict, variant: str, extra: list[str]):
+    """The clip anonymized with these settings; the run's result (timings, privacy) too."""
     from vidanon.pipeline import run
 
     out = CACHE / variant / f"{src.stem}.anon.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     ring = Path(tempfile.mkdtemp()) / "keys.json"
     t0 = time.perf_counter()
-    run(src, out, ring, settings, quiet=True, overwrite=True)
+    res = run(src, out, ring, settings, quiet=True, overwrite=True)
     shutil.rmtree(ring.parent, ignore_errors=True)
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, res
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--variant", default="default")
     ap.add_argument("--clips", nargs="*", default=None)
+    ap.add_argument("--mask", default=None, help="face, keep-eyes or keep-mouth")
     a = ap.parse_args(argv)
+    if a.mask:
+        a.sets.append(f"faces.mask={a.mask}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = load_settings(a.config, a.sets)
     thr = cached_thresholds()
@@ -177,9 +181,12 @@ def main(argv: list[str] | None = None) -> None:
            "seconds": a.seconds, "every": a.every, "clips": {}}
     for clip in clips:
         src = source_clip(clip, a.seconds)
-        anon, secs = anonymize(src, settings, a.variant, a.sets)
+        anon, secs, run_res = anonymize(src, settings, a.variant, a.sets)
         r = judge_clip(judge, src, anon, a.every, thr, a.min_eye_px)
         r["run_seconds"] = round(secs, 1)
+        r["timings"] = run_res.timings
+        r["privacy"] = {k: v for k, v in run_res.privacy.items() if k != "preset_warning"}
+        r["face_frames"] = run_res.faces
         res["clips"][clip.name] = r
         print(clip.name, r["faces"], "faces;", {c: r[c]["either"] for c in ("vidanon", "blur")},
               flush=True)
@@ -195,6 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     write_results(name, res, markdown(res))
 
 
+def _guard_cells(r: dict) -> str:
+    p, t = r.get("privacy") or {}, r.get("timings") or {}
+    if not p.get("verified"):
+        return "off | -"
+    return (f"{p['faces_escalated']} / {p['faces_blurred']} of {r.get('face_frames', '?')} | "
+            f"{100 * t.get('guard_share', 0):.0f} % of {t.get('total_s', 0):.0f} s")
+
+
 def markdown(res: dict) -> str:
     thr = res["thresholds"]
     lines = [f"## Video leak (outside judge), variant `{res['variant']}`", "",
@@ -203,15 +218,18 @@ def markdown(res: dict) -> str:
              "same region of the output. Matched = similarity at or above the threshold at FAR "
              "0.1 % (" + "; ".join(f"{k} {v['threshold']} from {v['impostor_pairs']:,} impostor "
                                    f"pairs of {v['source']}" for k, v in thr.items()) + ").", "",
+             f"Mask preset: `{res['settings']['faces'].get('mask', 'oval')}`.", "",
              "| clip | faces | median eye px | vidanon MFN | vidanon dlib | vidanon either "
-             "| blur either | max sim MFN / dlib |", "|---|---|---|---|---|---|---|---|"]
+             "| blur either | max sim MFN / dlib | guard: escalated / blurred face-frames "
+             "| guard share of run time |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["clips"].items():
         v = r["vidanon"]
         lines.append(
             f"| {name} | {r['faces']} | {r['median_eye_px']} | "
             f"{v['MobileFaceNet']['matched_pct']} % | {v['dlib ResNet']['matched_pct']} % | "
             f"{v['either']['matched_pct']} % | {r['blur']['either']['matched_pct']} % | "
-            f"{v['MobileFaceNet']['max_sim']} / {v['dlib ResNet']['max_sim']} |")
+            f"{v['MobileFaceNet']['max_sim']} / {v['dlib ResNet']['max_sim']} | "
+            + _guard_cells(r) + " |")
     t = res["total"]
     lines += ["", f"**All clips: vidanon {t['vidanon']['matched']} of {t['vidanon']['faces']} "
               f"faces matched ({t['vidanon']['matched_pct']} %), blur "

@@ -20,8 +20,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import sys
 import struct
+import sys
+import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -145,7 +146,9 @@ class _Mesher:
         pad = size // 4  # FaceMesh's own detector wants some context around the face
         rgb = cv2.copyMakeBorder(np.ascontiguousarray(crop_bgr[..., ::-1]), pad, pad, pad, pad,
                                  cv2.BORDER_REPLICATE)
-        res = self._tracker(track_id).process(rgb)
+        mesh = self._tracker(track_id)
+        with _native_stderr_silenced():  # tracking-path notes, once per graph
+            res = mesh.process(rgb)
         if not res.multi_face_landmarks:
             self.missed += 1
             return None
@@ -173,6 +176,7 @@ class FaceMasks:
     feather: float = 0.06
     records: dict[tuple[int, int], list[np.ndarray]] = field(default_factory=dict)
     tracing: bool = True
+    seconds: float = 0.0  # spent tracing contours
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -194,9 +198,11 @@ class FaceMasks:
             return [self._oval]
         if not self.tracing or crop_bgr is None:
             raise SidecarError(f"no face mask stored for track {track_id} frame {frame}")
+        t0 = time.perf_counter()
         if self._mesher is None:
             self._mesher = _Mesher()
         lm = self._mesher.landmarks(track_id, crop_bgr)
+        self.seconds += time.perf_counter() - t0
         if lm is None:  # keep the track's last contour (the face moved little), else the oval
             prev = [k for k in self.records if k[0] == track_id]
             rec = self.records[max(prev)] if prev else [self._oval]

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,9 +252,11 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     ring.prune_dead_pending(_published)
     ring.save()
     temps: list[Path] = []
+    clock = {"start": time.perf_counter()}
     try:
         stats: dict = {}
         tracks = detect_and_track(inp, info, settings, quiet, stats)
+        clock["tracked"] = time.perf_counter()
         if not tracks:
             _refuse_silent_zero(inp, info, settings, stats)
         plan = plan_faces(tracks, spec, float(settings["faces"]["min_eye_px"]))
@@ -279,6 +282,7 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
 
         _render(inp, tmp_video, info, model, settings, keys_now(), plan, "anonymize", quiet,
                 masks, observer=guard.observe if guard else None)
+        clock["rendered"] = time.perf_counter()
         failing = guard.failing() if guard is not None else []
         while failing:
             log.info("privacy guard: %d track(s) still match the original; escalating",
@@ -295,6 +299,7 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
             os.replace(nxt, tmp_video)
             temps.remove(nxt)
             failing = [t for t in guard.failing() if not esc.blurred(t)]
+        clock["escalated"] = time.perf_counter()
         keys = keys_now()
         plan = escalated_plan(plan, esc)
         key_track = esc.key_track
@@ -326,7 +331,20 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     blurred = sum(j.mode == "blur" for v in plan.values() for j in v)
     privacy = privacy_summary(guard, esc, plan, settings["faces"]["mask"])
     return RunResult(output, side, job_id, len(tracks), faces, blurred, ring.path,
-                     privacy=privacy)
+                     privacy=privacy, timings=_timings(clock, guard, masks))
+
+
+def _timings(clock: dict, guard: PrivacyGuard | None, masks: FaceMasks) -> dict:
+    """Where a run's time went; the guard's share is its embeddings plus its re-renders."""
+    total = time.perf_counter() - clock["start"]
+    guard_s = (guard.seconds if guard else 0.0) + clock["escalated"] - clock["rendered"]
+    return {"total_s": round(total, 2),
+            "detect_track_s": round(clock["tracked"] - clock["start"], 2),
+            "render_s": round(clock["rendered"] - clock["tracked"], 2),
+            "mask_trace_s": round(masks.seconds, 2),
+            "guard_embed_s": round(guard.seconds, 2) if guard else 0.0,
+            "guard_rerender_s": round(clock["escalated"] - clock["rendered"], 2),
+            "guard_share": round(guard_s / max(total, 1e-9), 4)}
 
 
 def _now() -> str:
