@@ -16,7 +16,10 @@ import os
 from benchmarks._common import RESULTS, ROOT, cpu_model, git_commit
 
 DOC = ROOT / "docs" / "benchmarks.md"
-SECTIONS = ["leak", "leak_noguard", "quality", "prior", "recovery", "temporal", "steps", "detect",
+SECTIONS = ["leak", "leak_noguard",
+            *(f"leak_mask_{m}{g}" for m in ("face", "keep-eyes", "keep-mouth")
+              for g in ("", "_noguard")),
+            "masks", "scale", "quality", "prior", "recovery", "temporal", "steps", "detect",
             "speed", "concurrent_runs"]
 
 
