@@ -229,6 +229,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _resumable(entry: dict) -> bool:
+    folder = entry.get("resume")
+    return bool(folder) and Path(str(folder)).is_dir()
+
+
 PENDING = "pending"
 COMPLETE = "complete"
 
@@ -342,7 +347,9 @@ class Keyring:
         return [j for j in self.jobs if self.status(j) == COMPLETE]
 
     def prune_dead_pending(self, still_published: Callable[[str, dict], bool]) -> None:
-        """Drop pending jobs of runs on this host that died (killed) before publishing.
+        """Drop pending jobs of runs on this host that died (killed) before publishing,
+        except those whose run left finished work to continue (``resume``: a work folder that
+        still exists; a Ray run's segments, see ``vidanon.scale``).
 
         ``still_published(job_id, entry)`` says whether the job's output and sidecar made it
         out after all (killed between publishing and marking complete): such jobs are marked
@@ -361,7 +368,8 @@ class Keyring:
             for job_id, e in list(jobs.items()):
                 if (e.get("status") == PENDING and e.get("host") == host
                         and job_id not in self._changes
-                        and not pid_alive(int(e.get("pid", 0) or 0))):
+                        and not pid_alive(int(e.get("pid", 0) or 0))
+                        and not _resumable(e)):
                     if self._prune(job_id, e):
                         jobs[job_id] = {**e, "status": COMPLETE}
                     else:
