@@ -68,9 +68,14 @@ class RunResult:
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
 
 
-def pick_device(device: str = "auto") -> str:
+def check_device_name(device: str) -> str:
     if not _DEVICE.fullmatch(device or ""):
         raise VidanonError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
+def pick_device(device: str = "auto") -> str:
+    check_device_name(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -217,6 +222,16 @@ class RenderPass:
     base: Path | None = None
 
 
+def render_span(model: FaceModel, rp: RenderPass, span: Span, observer=None) -> None:
+    """Render ``span`` of a pass into the segment file ``rp.dst`` (a Ray work unit).
+
+    The same loop as a whole pass, from a span boundary where the whole pass holds no frame
+    back (``render.batch_boundaries``), so the segment's pixels are the whole pass's.
+    """
+    _render(rp.src, rp.dst, rp.info, model, rp.settings, rp.keys, rp.plan, "anonymize", True,
+            observer=observer, grow=rp.grow, base=rp.base, span=span)
+
+
 class Renderer(Protocol):
     """Where the diffusion pass runs; everything else in ``run`` is the same for all."""
 
@@ -225,8 +240,8 @@ class Renderer(Protocol):
     def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
         """An unfinished earlier job for ``output`` to continue (its id and master key)."""
 
-    def job_note(self) -> dict:
-        """Extra fields for the job's keyring entry."""
+    def started(self, job_id: str) -> dict:
+        """The job this run works on (new or continued); extra fields for its keyring entry."""
 
     def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
         """Write ``rp.dst`` whole (audio included); the guard sees every replaced face."""
@@ -245,7 +260,7 @@ class LocalRenderer:
     def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
         return None
 
-    def job_note(self) -> dict:
+    def started(self, job_id: str) -> dict:
         return {}
 
     def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
@@ -351,14 +366,14 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     ring = Keyring.open(keyring_path, passphrase=passphrase, create=True)
     here = {"host": socket.gethostname(), "pid": os.getpid()}
     resumed = renderer.begin(inp, output, ring)
+    job_id, master = resumed if resumed is not None else new_job()
+    note = renderer.started(job_id)
     if resumed is not None:
-        job_id, master = resumed
-        ring.update_job(job_id, **here)  # this run takes the unfinished job over
+        ring.update_job(job_id, **here, **note)  # this run takes the unfinished job over
     else:
-        job_id, master = new_job()
         ring.add_job(job_id, master, {"input": inp.name, "output": output.name,
                                       "created": _now(), "output_path": str(output.resolve()),
-                                      **here, **renderer.job_note()}, status="pending")
+                                      **here, **note}, status="pending")
     ring.prune_dead_pending(_published)
     ring.save()
     temps: list[Path] = []
