@@ -82,13 +82,15 @@ def is_done(inp: Path, out: Path) -> bool:
 
 def run_folder(folder: Path, out_dir: Path | None, process: Callable[[Path, Path], object],
                quiet: bool = False, force: bool = False, parallel: int = 1,
-               manifest: bool = False, stop: Callable[[], None] | None = None) -> BatchSummary:
+               manifest: bool = False, stop: Callable[[], None] | None = None,
+               on_file: Callable[[Path, str], None] | None = None) -> BatchSummary:
     """Anonymize every video under ``folder``; failures are reported (stderr) and skipped.
 
     ``parallel`` > 1 processes that many files at once, in threads (a Ray run: the driver
     plans one file while the cluster renders others).  ``manifest`` records finished files
     in ``<out_dir>/vidanon-manifest.json`` and trusts it on re-runs (``units.FileManifest``).
-    ``stop`` is called if the run is interrupted, to make the threads give up their files.
+    ``stop`` is called if the run is interrupted, to make the threads give up their files;
+    ``on_file(input, "done" | "skipped" | "failed")`` as each file is settled.
     """
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir else folder.with_name(folder.name + "_anon")
@@ -105,6 +107,12 @@ def run_folder(folder: Path, out_dir: Path | None, process: Callable[[Path, Path
         files = FileManifest(out_dir)
 
     def one(inp: Path) -> tuple[str, str]:
+        outcome = settle(inp)
+        if on_file is not None:
+            on_file(inp, outcome[0])
+        return outcome
+
+    def settle(inp: Path) -> tuple[str, str]:
         out = plan[inp]
         key = inp.relative_to(folder).as_posix()
         if (files is not None and files.done(key, inp, out)) or is_done(inp, out):

@@ -227,27 +227,30 @@ def _run_on_ray(input: Path, output: Path | None, ring: Path, settings: dict,
     seg = scale.DEFAULT_SEGMENT_FRAMES if segment_frames is None else segment_frames
     if seg < 1:
         raise VidanonError("--segment-frames must be at least 1")
+    files = len(find_videos(input)) if input.is_dir() else 1
+    if not files:
+        raise VidanonError(f"no video files under {input}")
     scale.connect(address, quiet)
     pool = scale.WorkerPool(model or settings.get("model"), device, workers)
-    files = len(find_videos(input)) if input.is_dir() else 1
     progress = pool.progress = scale.Progress(files, quiet)
+    workers_started = pool.size
     try:
         def one(inp: Path, out: Path | None):
-            res = run_one(inp, out, ring, settings, model, device, True, pw, link_identities,
-                          overwrite=force, renderer=scale.RayRenderer(pool, seg))
-            progress.file_done()
-            return res
+            return run_one(inp, out, ring, settings, model, device, True, pw, link_identities,
+                           overwrite=force, renderer=scale.RayRenderer(pool, seg))
 
         if input.is_dir():
             summary = run_folder(input, output, one, True, force=force,
-                                 parallel=pool.size + 1, manifest=True, stop=pool.stop)
+                                 parallel=pool.size + 1, manifest=True, stop=pool.stop,
+                                 on_file=lambda _inp, _what: progress.file_done())
         else:
             res = one(input, output)
+            progress.file_done()
     finally:
         progress.close()
         pool.shutdown()
     s = pool.stats
-    ray_line = (f"ray: {s['units']} units rendered on {pool.size} workers, {s['reused']} "
+    ray_line = (f"ray: {s['units']} units rendered on {workers_started} workers, {s['reused']} "
                 f"reused from an earlier run, {s['resubmitted']} resubmitted")
     if not input.is_dir():
         _report(res)

@@ -21,6 +21,7 @@ import queue
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,9 +471,14 @@ def connect(address: str | None, quiet: bool) -> None:
     require_ray()
     if ray.is_initialized():
         return
+    # This process exports no metrics worth a dashboard; without the dashboard agent (plain
+    # "ray", no "ray[default]") its exporter would print connection errors over the bar.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     try:
-        ray.init(address=None if address in (None, "", "auto", "local") else address,
-                 log_to_driver=False, include_dashboard=False,
-                 logging_level="ERROR" if quiet else "WARNING")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Ray's notes on GPU env vars
+            ray.init(address=None if address in (None, "", "auto", "local") else address,
+                     log_to_driver=False, include_dashboard=False,
+                     logging_level="ERROR" if quiet else "WARNING")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise VidanonError(f"cannot connect to Ray at {address}: {exc}") from None

@@ -212,8 +212,8 @@ class FileManifest:
     def _locked(self) -> Iterator[None]:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path.with_name(FILES_NAME + ".lock"), os.O_RDWR | os.O_CREAT,
-                         0o644)
+            fd = os.open(self.path.with_name(".vidanon-manifest.lock"),
+                         os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
