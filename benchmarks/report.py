@@ -17,7 +17,7 @@ from benchmarks._common import RESULTS, ROOT, cpu_model, git_commit
 
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTIONS = ["leak", "leak_noguard", "quality", "prior", "recovery", "temporal", "steps", "detect",
-            "speed", "concurrent_runs"]
+            "speed", "concurrent_runs", "scale"]
 
 
 def _load(name: str) -> dict | None:
