@@ -385,6 +385,9 @@ class RayRenderer:
                                    f"(pid {entry.get('pid')})")
             self._resumed = True
             return job, ring.master(job)
+        if job and ring.status(job) == "pending" and _resume_path(ring.jobs.get(job)) == str(
+                self.work.path.resolve()):
+            ring.remove_job(job)  # its segments are about to go: it can never be resumed
         return None
 
     def started(self, job_id: str) -> dict:
@@ -459,6 +462,10 @@ class RayRenderer:
         return keep
 
 
+def _resume_path(entry: dict | None) -> str | None:
+    return (entry or {}).get("resume")
+
+
 def _alive(pid: int) -> bool:
     from vidanon.keys import pid_alive
 
@@ -471,9 +478,6 @@ def connect(address: str | None, quiet: bool) -> None:
     require_ray()
     if ray.is_initialized():
         return
-    # This process exports no metrics worth a dashboard; without the dashboard agent (plain
-    # "ray", no "ray[default]") its exporter would print connection errors over the bar.
-    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # Ray's notes on GPU env vars
