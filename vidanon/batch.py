@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +81,17 @@ def is_done(inp: Path, out: Path) -> bool:
 
 
 def run_folder(folder: Path, out_dir: Path | None, process: Callable[[Path, Path], object],
-               quiet: bool = False, force: bool = False) -> BatchSummary:
-    """Anonymize every video under ``folder``; failures are reported (stderr) and skipped."""
+               quiet: bool = False, force: bool = False, parallel: int = 1,
+               manifest: bool = False, stop: Callable[[], None] | None = None,
+               on_file: Callable[[Path, str], None] | None = None) -> BatchSummary:
+    """Anonymize every video under ``folder``; failures are reported (stderr) and skipped.
+
+    ``parallel`` > 1 processes that many files at once, in threads (a Ray run: the driver
+    plans one file while the cluster renders others).  ``manifest`` records finished files
+    in ``<out_dir>/vidanon-manifest.json`` and trusts it on re-runs (``units.FileManifest``).
+    ``stop`` is called if the run is interrupted, to make the threads give up their files;
+    ``on_file(input, "done" | "skipped" | "failed")`` as each file is settled.
+    """
     folder = Path(folder)
     out_dir = Path(out_dir) if out_dir else folder.with_name(folder.name + "_anon")
     if out_dir.exists() and not out_dir.is_dir():
@@ -90,26 +100,68 @@ def run_folder(folder: Path, out_dir: Path | None, process: Callable[[Path, Path
     if not videos:
         raise VidanonError(f"no video files under {folder}")
     plan = plan_outputs(videos, folder, out_dir)
-    summary = BatchSummary()
-    for inp in tqdm(videos, desc="files", unit="file", disable=quiet, position=0):
+    files = None
+    if manifest:
+        from vidanon.units import FileManifest
+
+        files = FileManifest(out_dir)
+
+    def one(inp: Path) -> tuple[str, str]:
+        outcome = settle(inp)
+        if on_file is not None:
+            on_file(inp, outcome[0])
+        return outcome
+
+    def settle(inp: Path) -> tuple[str, str]:
         out = plan[inp]
-        if is_done(inp, out):
-            summary.skipped.append(inp)
-            continue
+        key = inp.relative_to(folder).as_posix()
+        if (files is not None and files.done(key, inp, out)) or is_done(inp, out):
+            return "skipped", ""
         try:
             if out.exists() and not force:
                 raise VidanonError(f"{out} already exists and is not this file's output; "
                                    "pass --force to replace it")
             out.parent.mkdir(parents=True, exist_ok=True)
             process(inp, out)
-            summary.done.append(inp)
+            if files is not None:
+                files.add(key, inp, out)
+            return "done", ""
         except VidanonError as exc:
             if is_done(inp, out):  # another run over the same folder did it meanwhile
-                summary.skipped.append(inp)
-                continue
-            summary.failed.append((inp, str(exc)))
+                return "skipped", ""
             tqdm.write(f"failed: {inp}: {exc}", file=sys.stderr)
+            return "failed", str(exc)
         except OSError as exc:
-            summary.failed.append((inp, str(exc)))
             tqdm.write(f"failed: {inp}: {exc.strerror or exc}", file=sys.stderr)
+            return "failed", str(exc)
+
+    outcomes: dict[Path, tuple[str, str]] = {}
+    bar = tqdm(total=len(videos), desc="files", unit="file", disable=quiet, position=0)
+    if parallel <= 1:
+        for inp in videos:
+            outcomes[inp] = one(inp)
+            bar.update()
+    else:
+        with ThreadPoolExecutor(parallel, thread_name_prefix="vidanon-file") as pool:
+            futures = {pool.submit(one, inp): inp for inp in videos}
+            try:
+                for fut in as_completed(futures):
+                    outcomes[futures[fut]] = fut.result()
+                    bar.update()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                if stop is not None:
+                    stop()
+                raise
+    bar.close()
+    summary = BatchSummary()
+    for inp in videos:  # input order, however the files finished
+        what, why = outcomes[inp]
+        if what == "done":
+            summary.done.append(inp)
+        elif what == "skipped":
+            summary.skipped.append(inp)
+        else:
+            summary.failed.append((inp, why))
     return summary

@@ -32,6 +32,15 @@ class _Command(TyperCommand):
                 p.display_type_rich = lambda ctx: None
         return params
 
+    def parse_args(self, ctx, args):  # noqa: ANN001, ANN201
+        # ``--ray`` takes an optional ADDRESS, which typer cannot declare: a bare --ray
+        # (last, or followed by another option) means "auto".
+        args = list(args)
+        for i, a in enumerate(args):
+            if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                args.insert(i + 1, "auto")
+        return super().parse_args(ctx, args)
+
     def collect_usage_pieces(self, ctx):  # noqa: ANN001, ANN201
         pieces = [self.options_metavar] if self.options_metavar else []
         for p in self.get_params(ctx):
@@ -140,6 +149,17 @@ def run(
         "--no-verify", help="Skip the privacy guard (faster; no face is checked).")] = False,
     mask: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Region replaced: face (default), keep-eyes or keep-mouth.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--ray", metavar="[ADDRESS]", show_default=False,
+        help="Render on a Ray cluster (head ADDRESS, e.g. 10.0.0.5:6379; bare --ray: the "
+             "cluster this machine is in, else a local one). Put it after INPUT. See "
+             "docs/scale.md.")] = None,
+    workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="With --ray: number of workers (default: one per GPU, else per CPU).",
+        show_default=False)] = None,
+    segment_frames: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="With --ray: frames per work unit; longer videos are split (default 1800).",
+        show_default=False)] = None,
     quiet: Quiet = False,
 ) -> None:
     """Anonymize every face; write OUTPUT, its sidecar, and the keys to the keyring."""
@@ -155,11 +175,18 @@ def run(
             overrides = (list(set_ or []) + (["guard.verify=false"] if no_verify else [])
                          + ([f"faces.mask={mask}"] if mask else []))
             settings = load_settings(config, overrides)
-            pick_device(device)
+            if ray_address is None:
+                if workers is not None or segment_frames is not None:
+                    raise VidanonError("--workers and --segment-frames need --ray")
+                pick_device(device)
             if not input.is_dir():
                 check_output(input, output or default_output(input), force)
             ring = keyring or default_keyring()
             pw = _passphrase(passphrase, ring)
+            if ray_address is not None:
+                _run_on_ray(input, output, ring, settings, model, device, link_identities,
+                            pw, force, quiet, ray_address, workers, segment_frames)
+                return
 
             def one(inp: Path, out: Path | None):
                 return run_one(inp, out, ring, settings, model, device, quiet, pw,
@@ -173,18 +200,72 @@ def run(
                     raise typer.Exit(1)
                 return
             res = one(input, output)
-            small = res.blurred - res.privacy.get("faces_blurred", 0)
-            typer.echo(f"wrote {res.output} ({res.tracks} tracks, {res.faces} faces, "
-                       f"{small} blurred as too small)")
-            typer.echo(f"sidecar: {res.sidecar}")
-            typer.echo(privacy_line(res.privacy))
-            if res.privacy.get("preset_warning"):
-                typer.echo(res.privacy["preset_warning"], err=True)
-            typer.echo(f"keys added to keyring: {res.keyring} (job {res.job_id})")
+            _report(res)
     except VidanonError as exc:
         _fail(exc)
     except OSError as exc:
         _os_fail(exc)
+
+
+def _report(res) -> None:  # noqa: ANN001
+    small = res.blurred - res.privacy.get("faces_blurred", 0)
+    typer.echo(f"wrote {res.output} ({res.tracks} tracks, {res.faces} faces, "
+               f"{small} blurred as too small)")
+    typer.echo(f"sidecar: {res.sidecar}")
+    typer.echo(privacy_line(res.privacy))
+    if res.privacy.get("preset_warning"):
+        typer.echo(res.privacy["preset_warning"], err=True)
+    typer.echo(f"keys added to keyring: {res.keyring} (job {res.job_id})")
+
+
+def _run_on_ray(input: Path, output: Path | None, ring: Path, settings: dict,
+                model: str | None, device: str, link_identities: bool, pw: str | None,
+                force: bool, quiet: bool, address: str, workers: int | None,
+                segment_frames: int | None) -> None:
+    """``run --ray``: the same per-file run, its rendering on the cluster (vidanon.scale)."""
+    from vidanon import scale
+    from vidanon.batch import find_videos, run_folder
+    from vidanon.pipeline import run as run_one
+
+    if workers is not None and workers < 1:
+        raise VidanonError("--workers must be at least 1")
+    seg = scale.DEFAULT_SEGMENT_FRAMES if segment_frames is None else segment_frames
+    if seg < 1:
+        raise VidanonError("--segment-frames must be at least 1")
+    files = len(find_videos(input)) if input.is_dir() else 1
+    if not files:
+        raise VidanonError(f"no video files under {input}")
+    scale.connect(address, quiet)
+    pool = scale.WorkerPool(model or settings.get("model"), device, workers)
+    progress = pool.progress = scale.Progress(files, quiet)
+    workers_started = pool.size
+    try:
+        def one(inp: Path, out: Path | None):
+            return run_one(inp, out, ring, settings, model, device, True, pw, link_identities,
+                           overwrite=force, renderer=scale.RayRenderer(pool, seg))
+
+        if input.is_dir():
+            summary = run_folder(input, output, one, True, force=force,
+                                 parallel=pool.size + 1, manifest=True, stop=pool.stop,
+                                 on_file=lambda _inp, _what: progress.file_done())
+        else:
+            res = one(input, output)
+            progress.file_done()
+    finally:
+        progress.close()
+        pool.shutdown()
+    s = pool.stats
+    ray_line = (f"ray: {s['units']} units rendered on {workers_started} workers, {s['reused']} "
+                f"reused from an earlier run, {s['resubmitted']} resubmitted")
+    if not input.is_dir():
+        _report(res)
+        typer.echo(ray_line)
+        return
+    typer.echo(summary.line())
+    typer.echo(ray_line)
+    typer.echo(f"keys added to keyring: {ring}")
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 def privacy_line(p: dict) -> str:

@@ -70,6 +70,18 @@ class PrivacyGuard:
             if s > chk.max_similarity:
                 chk.max_similarity, chk.worst_frame = float(s), int(f)
 
+    def merge(self, checks: dict[int, TrackCheck]) -> None:
+        """Fold in what another guard saw over later frames (a segment rendered elsewhere).
+
+        Merged in frame order, this gives what ``observe`` over the whole video gives: the
+        counts add up and the first frame reaching the highest similarity stays the worst.
+        """
+        for tid, c in checks.items():
+            chk = self.tracks.setdefault(tid, TrackCheck())
+            chk.frames += c.frames
+            if c.max_similarity > chk.max_similarity:
+                chk.max_similarity, chk.worst_frame = c.max_similarity, c.worst_frame
+
     def failing(self) -> list[int]:
         return sorted(t for t, c in self.tracks.items() if c.max_similarity >= self.threshold)
 

@@ -1,4 +1,5 @@
-"""Keys: 128-bit secrets, per-track derivation, public key IDs, keyrings and flip vectors.
+"""Keys: 128-bit secrets, per-track derivation, public key IDs, keyrings, flip vectors, and
+track keys sealed for the workers of a Ray run.
 
 The reference method keys its sign flip with a 64-bit ``torch.manual_seed``: small enough to
 brute-force and tied to torch's generator, which may change between releases.  Here a job gets
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -229,6 +231,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _resumable(entry: dict) -> bool:
+    folder = entry.get("resume")
+    return bool(folder) and Path(str(folder)).is_dir()
+
+
 PENDING = "pending"
 COMPLETE = "complete"
 
@@ -342,7 +349,9 @@ class Keyring:
         return [j for j in self.jobs if self.status(j) == COMPLETE]
 
     def prune_dead_pending(self, still_published: Callable[[str, dict], bool]) -> None:
-        """Drop pending jobs of runs on this host that died (killed) before publishing.
+        """Drop pending jobs of runs on this host that died (killed) before publishing,
+        except those whose run left finished work to continue (``resume``: a work folder that
+        still exists; a Ray run's segments, see ``vidanon.scale``).
 
         ``still_published(job_id, entry)`` says whether the job's output and sidecar made it
         out after all (killed between publishing and marking complete): such jobs are marked
@@ -361,7 +370,8 @@ class Keyring:
             for job_id, e in list(jobs.items()):
                 if (e.get("status") == PENDING and e.get("host") == host
                         and job_id not in self._changes
-                        and not pid_alive(int(e.get("pid", 0) or 0))):
+                        and not pid_alive(int(e.get("pid", 0) or 0))
+                        and not _resumable(e)):
                     if self._prune(job_id, e):
                         jobs[job_id] = {**e, "status": COMPLETE}
                     else:
@@ -456,3 +466,82 @@ def read_track_key(path: Path, passphrase: str | None = None) -> tuple[str, int,
     if key.id != doc.get("key_id"):
         raise KeyMaterialError(f"{path}: key does not match its recorded key id (file altered)")
     return job, track, key
+
+
+# --- sealed transport of track keys to workers ----------------------------------------------
+#
+# A Ray cluster records what passes through it: task arguments go to the object store and
+# may be spilled to disk, actor constructor arguments to the GCS, exceptions and prints to log
+# files.  So no channel Ray offers is private, and a session key handed to a worker through
+# one would be recorded next to everything it protects.  Instead each worker makes an X25519
+# key pair when it starts and publishes only the public half; the driver makes one per run.
+# Both sides derive the same AES-256-GCM key (ECDH + HKDF) without it ever being sent, and a
+# unit's track keys travel sealed under it, bound to that unit.  What Ray records (public
+# keys, nonces, ciphertexts) reveals nothing without a private key, and those never leave the
+# process that made them (they refuse to be pickled).  This protects against logs, dashboards
+# and object spilling, not against someone who controls the cluster's code (see docs/scale.md).
+
+_SEAL_INFO = b"vidanon/unit-keys/v1"
+
+
+class StaleSession(Exception):
+    """Sealed for another instance of the worker (it was restarted): seal again, resubmit."""
+
+
+def _session_key(private: X25519PrivateKey, peer: bytes, driver: bytes, worker: bytes) -> bytes:
+    shared = private.exchange(X25519PublicKey.from_public_bytes(peer))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=driver + worker,
+                info=_SEAL_INFO).derive(shared)
+
+
+class _NoPickle:
+    def __reduce__(self):  # noqa: ANN204
+        raise TypeError(f"{type(self).__name__} holds a private key and must not be pickled")
+
+
+class KeySealer(_NoPickle):
+    """Driver side: seals a unit's track keys for one worker."""
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes_raw()
+        self._keys: dict[bytes, bytes] = {}
+
+    def __repr__(self) -> str:
+        return "KeySealer(...)"
+
+    def seal(self, worker: bytes, keys: dict[int, Key], aad: bytes) -> bytes:
+        """``driver public | worker public | nonce | AES-GCM(track id, key ...)``."""
+        if worker not in self._keys:
+            self._keys[worker] = _session_key(self._private, worker, self.public, worker)
+        body = b"".join(int(t).to_bytes(8, "big", signed=True) + k.reveal()
+                        for t, k in sorted(keys.items()))
+        nonce = secrets.token_bytes(12)
+        return self.public + worker + nonce + AESGCM(self._keys[worker]).encrypt(nonce, body, aad)
+
+
+class KeyOpener(_NoPickle):
+    """Worker side: the private half stays in this process; ``public`` goes to the driver."""
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes_raw()
+        self._keys: dict[bytes, bytes] = {}
+
+    def __repr__(self) -> str:
+        return "KeyOpener(...)"
+
+    def open(self, sealed: bytes, aad: bytes) -> dict[int, Key]:
+        driver, worker, nonce, ct = sealed[:32], sealed[32:64], sealed[64:76], sealed[76:]
+        if worker != self.public:
+            raise StaleSession("unit keys were sealed for an earlier instance of this worker")
+        if driver not in self._keys:
+            self._keys[driver] = _session_key(self._private, driver, driver, self.public)
+        try:
+            body = AESGCM(self._keys[driver]).decrypt(nonce, ct, aad)
+        except InvalidTag:
+            raise KeyMaterialError("sealed unit keys do not open (altered, or another unit's)"
+                                   ) from None
+        step = 8 + KEY_BYTES
+        return {int.from_bytes(body[i:i + 8], "big", signed=True): Key(body[i + 8:i + step])
+                for i in range(0, len(body), step)}

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import hmac
 import os
 import struct
 import sys
@@ -32,7 +34,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from vidanon.align import _border_ramp, oval_mask, paste_alpha
+from vidanon.align import _border_ramp, oval_mask, paste_alpha, warp_crop
 from vidanon.diffusion.models import ModelSpec
 from vidanon.errors import SidecarError
 from vidanon.keys import Key
@@ -220,6 +222,18 @@ class FaceMasks:
         m = rasterize(recs, self.spec.crop_size, PRESETS[self.preset][1], grow)
         return m, paste_alpha(self.spec, self.feather, m)
 
+    def trace(self, frames, plan: dict) -> None:
+        """Trace every planned diffusion face of ``frames`` (``plan``: frame -> FaceJobs),
+        then stop tracing: from here on a missing record is an error, as in recovery."""
+        size = self.spec.crop_size
+        for frame in frames:
+            for job in plan.get(frame.index, []):
+                if job.mode == "diffusion":
+                    self.contours(job.track_id, frame.index,
+                                  warp_crop(frame.image, job.matrix, size))
+        self.close()
+        self.tracing = False
+
     def oval(self, grow: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """The model's fixed oval (blurred faces, the ``oval`` preset), cached per growth."""
         if grow not in self._cache:
@@ -239,9 +253,12 @@ class FaceMasks:
 
     # -- sealing ---------------------------------------------------------------------------
 
-    def seal(self, track_id: int, key: Key, job_id: str) -> dict | None:
-        """The track's contours, compressed and encrypted under a key derived from ``key``."""
-        frames = sorted(f for t, f in self.records if t == track_id)
+    def seal(self, track_id: int, key: Key, job_id: str,
+             span: tuple[int, int] | None = None) -> dict | None:
+        """The track's contours (of frames ``span[0] <= f < span[1]`` if given), compressed
+        and encrypted under a key derived from ``key``."""
+        frames = sorted(f for t, f in self.records if t == track_id
+                        and (span is None or span[0] <= f < span[1]))
         if not frames or not self.uses_landmarks:
             return None
         parts = [struct.pack("<I", len(frames))]
@@ -250,9 +267,12 @@ class FaceMasks:
             parts.append(struct.pack("<IB", f, len(recs)))
             for c in recs:
                 parts.append(struct.pack("<H", len(c)) + c.astype("<i2").tobytes())
-        nonce = os.urandom(12)
         aad = _aad(job_id, track_id, self.preset)
-        blob = AESGCM(key.derive("mask")).encrypt(nonce, zlib.compress(b"".join(parts), 9), aad)
+        plain = zlib.compress(b"".join(parts), 9)
+        # Synthetic nonce (as in SIV): a MAC of the record, so sealing is deterministic (a Ray
+        # run's sidecar equals a single machine's) and a nonce repeats only for the same record.
+        nonce = hmac.new(key.derive("mask-nonce"), aad + plain, hashlib.sha256).digest()[:12]
+        blob = AESGCM(key.derive("mask")).encrypt(nonce, plain, aad)
         return {"preset": self.preset, "cipher": "AES-256-GCM",
                 "data": base64.b64encode(nonce + blob).decode("ascii")}
 

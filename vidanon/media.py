@@ -46,8 +46,11 @@ __all__ = [
     "VideoWriter",
     "copy_video",
     "cut",
+    "frame_pts",
+    "join_parts",
     "probe",
     "read_frames",
+    "read_span",
 ]
 
 # pix_fmt -> the same depth with full-resolution chroma, used when the size is odd.
@@ -341,6 +344,103 @@ def read_frames(path: str | os.PathLike[str], start: int = 0) -> Iterator[Frame]
             reached[0] += 1
             if index >= start:
                 yield _to_frame(av_frame, index, time_base)
+
+
+def frame_pts(path: str | os.PathLike[str]) -> list[int] | None:
+    """Presentation timestamps of every frame, in order (demux only), or None if any is missing.
+
+    ``read_span`` uses them to seek to a frame by number and to check that it landed there:
+    frame numbers (decode counts) are what the plan uses, timestamps are what a seek can use.
+    """
+    path = Path(path)
+    container, stream = _open_video(path)
+    with container:
+        pts: list[int] = []
+        try:
+            for packet in container.demux(stream):
+                if packet.size > 0 and not packet.is_discard:
+                    if packet.pts is None:
+                        return None
+                    pts.append(packet.pts)
+        except av.FFmpegError as exc:
+            raise _read_error(path, f"file is truncated or corrupt ({_reason(exc)})") from exc
+    pts.sort()
+    if any(b <= a for a, b in zip(pts, pts[1:])):
+        return None  # repeated timestamps: a pts does not name one frame
+    return pts
+
+
+class _SeekMiss(Exception):
+    """A seek that did not land where the frame index says (the caller decodes from the start)."""
+
+
+def _seek_span(path: Path, start: int, pts: list[int]) -> Iterator[Frame]:
+    """Frames ``start .. start + len(pts) - 1``, decoded from the keyframe before ``pts[0]``.
+
+    Raises ``_SeekMiss`` before yielding anything if the stream cannot be entered there
+    (no index, or the decoder's timestamps are not the packets'); a mismatch after the first
+    frame is a corrupt stream, not a miss.
+    """
+    container, stream = _open_video(path)
+    with container:
+        stream.thread_type = "AUTO"
+        time_base = Fraction(stream.time_base or 1)
+        try:
+            container.seek(pts[0], stream=stream, backward=True, any_frame=False)
+        except av.FFmpegError as exc:
+            raise _SeekMiss from exc
+        k = 0
+        try:
+            for av_frame in container.decode(stream):
+                if av_frame.pts is None:
+                    if k == 0:
+                        raise _SeekMiss
+                    raise _read_error(path, f"frame {start + k} has no timestamp")
+                if k == 0 and av_frame.pts < pts[0]:
+                    continue  # the rest of the GOP before the span
+                if av_frame.pts != pts[k]:
+                    if k == 0:
+                        raise _SeekMiss
+                    raise _read_error(path, f"frame {start + k} has timestamp {av_frame.pts}, "
+                                      f"expected {pts[k]} (corrupt stream?)")
+                yield _to_frame(av_frame, start + k, time_base)
+                k += 1
+                if k == len(pts):
+                    return
+        except av.FFmpegError as exc:
+            raise _read_error(path, f"file is truncated or corrupt (decoding failed at frame "
+                              f"{start + k}: {_reason(exc)})") from exc
+        if k == 0:
+            raise _SeekMiss
+        raise _read_error(path, f"file is truncated or corrupt (ends at frame {start + k})")
+
+
+def read_span(path: str | os.PathLike[str], start: int, stop: int,
+              pts: list[int] | None = None) -> Iterator[Frame]:
+    """Frames ``start <= index < stop``, the same pixels and indices as ``read_frames`` gives.
+
+    With ``pts`` (the span's timestamps from ``frame_pts``) the reader seeks to the keyframe
+    before the span instead of decoding everything before it, so a worker rendering the last
+    minute of a ten-hour video does not decode ten hours first; if the seek cannot be
+    verified it falls back to decoding from the start.
+    """
+    path = Path(path)
+    if pts is not None and start > 0:
+        if len(pts) != stop - start:
+            raise ValueError("pts must hold one timestamp per frame of the span")
+        try:
+            yield from _seek_span(path, start, pts)
+            return
+        except _SeekMiss:
+            pass
+    frames = read_frames(path, start)
+    try:
+        for frame in frames:
+            if frame.index >= stop:
+                break
+            yield frame
+    finally:
+        frames.close()
 
 
 def _to_frame(frame: av.VideoFrame, index: int, time_base: Fraction) -> Frame:
@@ -679,6 +779,129 @@ class VideoWriter:
             with contextlib.suppress(OSError):
                 self._tmp.unlink()
             self._tmp = None
+
+
+def join_parts(
+    parts: list[tuple[Path, int]],
+    dst: str | os.PathLike[str],
+    info: VideoInfo,
+    audio_from: str | os.PathLike[str] | None = None,
+) -> None:
+    """Concatenate encoded segments into ``dst`` by stream copy; audio from ``audio_from`` once.
+
+    No frame is re-encoded: each part is its own encode, starting with a keyframe and
+    referencing nothing before it (closed GOP), and every part keeps the pts its frames had in
+    the input, so packets only need new decode timestamps.  Those are the presentation
+    timestamps delayed by the encoder's reorder depth (``has_b_frames``), computed in one
+    streaming pass with a heap: the i-th packet gets the (i - depth)-th smallest pts, which a
+    decoder reordering at most ``depth`` frames has always seen by then.  Parts must share
+    codec parameters (same settings, so the same SPS/PPS); anything else is an error, not a
+    silent re-encode.  Written to a temporary name and renamed, like ``VideoWriter``.
+
+    ``parts``: (file, offset) in order; each part's frames were written with ``offset``
+    subtracted from their pts, so the part starts at 0: an mp4 that starts later records the
+    delay in its edit list in milliseconds, which does not survive the round trip exactly.
+    """
+    import heapq
+
+    dst = Path(dst)
+    if not parts:
+        raise MediaError(f"cannot write video '{dst}': no segments to join")
+    suffix = dst.suffix or ".mp4"
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{dst.stem}.partial-{os.getpid()}-",
+                                        suffix=suffix, dir=dst.parent)
+    except OSError as exc:
+        raise MediaError(f"cannot write video '{dst}': {_reason(exc)}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    out: av.container.OutputContainer | None = None
+    audio: _AudioCopier | None = None
+    try:
+        out = av.open(str(tmp), mode="w", format=None if dst.suffix else "mp4")
+        first = _open_input(Path(parts[0][0]))
+        with first:
+            template = first.streams.video[0]
+            ostream = out.add_stream_from_template(template)
+            extradata = bytes(template.codec_context.extradata or b"")
+        ostream.time_base = info.time_base
+        if info.rotation:
+            ostream.set_display_rotation(info.rotation)
+        if audio_from is not None:
+            audio = _AudioCopier(Path(audio_from), out)
+        heap: list[int] = []
+        written = 0
+        last_dts: int | None = None
+        depth: int | None = None
+        lead: list[int] = []  # the first part's leading packets, until its delay is known
+        for part, packet in _part_packets(parts, extradata, info.time_base):
+            if depth is None:
+                # The encoder's delay: packets decoded before the first (keyframe) pts.
+                lead.append(packet.pts)
+                if packet.dts is None or packet.dts >= lead[0]:
+                    depth = len(lead) - 1
+            heapq.heappush(heap, packet.pts)
+            if depth is not None and len(heap) > depth:
+                dts = heapq.heappop(heap)
+            else:  # the stream's first frames: the encoder's own decode times
+                dts = packet.dts if packet.dts is not None else packet.pts
+            if (last_dts is not None and dts <= last_dts) or dts > packet.pts:
+                raise MediaError(f"cannot join '{part.name}': decode order does not fit its "
+                                 "timestamps (is each segment a closed GOP?)")
+            packet.dts = dts
+            packet.stream = ostream
+            out.mux(packet)
+            last_dts = dts
+            written += 1
+            if audio is not None:
+                audio.mux_until(out, float(dts * info.time_base) + _AUDIO_LEAD_S)
+        if written != info.frames:
+            raise MediaError(f"cannot write video '{dst}': the segments hold {written} frames, "
+                             f"the input {info.frames}")
+        if audio is not None:
+            audio.mux_until(out, None)
+            audio.close()
+            audio = None
+        out.close()
+        out = None
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, dst)
+    except (av.FFmpegError, OSError) as exc:
+        raise MediaError(f"cannot write video '{dst}': {_reason(exc)}") from exc
+    finally:
+        if audio is not None:
+            with contextlib.suppress(Exception):
+                audio.close()
+        if out is not None:
+            with contextlib.suppress(Exception):
+                out.close()
+        tmp.unlink(missing_ok=True)
+
+
+def _part_packets(parts: list[tuple[Path, int]], extradata: bytes,
+                  time_base: Fraction) -> Iterator[tuple[Path, av.Packet]]:
+    """The video packets of every part in order, at their timestamps in the whole video."""
+    for part, offset in parts:
+        part = Path(part)
+        container, stream = _open_video(part)
+        with container:
+            if bytes(stream.codec_context.extradata or b"") != extradata:
+                raise MediaError(f"cannot join '{part.name}': its encoder parameters differ "
+                                 "from the first segment's")
+            if Fraction(stream.time_base or 0) != time_base:
+                raise MediaError(f"cannot join '{part.name}': time base {stream.time_base} "
+                                 f"is not {time_base}")
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                if packet.pts is None:
+                    raise MediaError(f"cannot join '{part.name}': a packet has no pts")
+                packet.pts += offset
+                if packet.dts is not None:
+                    packet.dts += offset
+                yield part, packet
 
 
 def copy_video(

@@ -9,6 +9,11 @@ recover:  sidecar (verify with the track key) -> [decode -> align with stored tr
 
 Two decoding passes keep memory flat: tracking needs the future of a track (gap filling,
 padding) but only as small per-frame landmark records, never frames.
+
+Where the diffusion pass runs is a ``Renderer``: ``LocalRenderer`` (this process, the whole
+video at once) or ``vidanon.scale.RayRenderer`` (frame spans on a Ray cluster, joined without
+re-encoding).  Planning, keys, the privacy guard's decisions, the sidecar and publishing stay
+here, on the driver, for both.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,7 +36,7 @@ from vidanon import __version__, sidecar
 from vidanon.align import crop_transform, transform_scale
 from vidanon.detect import make_detector
 from vidanon.diffusion.engine import Engine, EngineSettings
-from vidanon.diffusion.models import FaceModel, load_model
+from vidanon.diffusion.models import FaceModel, ModelSpec, load_model
 from vidanon.errors import KeyMaterialError, SidecarError, VidanonError
 from vidanon.guard import (
     THRESHOLD_SOURCE,
@@ -41,7 +47,7 @@ from vidanon.guard import (
 )
 from vidanon.keys import Key, Keyring, new_job_id, read_track_key, track_key
 from vidanon.masks import FaceMasks
-from vidanon.media import EncodeSettings, VideoWriter, probe, read_frames
+from vidanon.media import EncodeSettings, VideoInfo, VideoWriter, probe, read_frames, read_span
 from vidanon.render import FaceJob, FrameRenderer
 from vidanon.track import FaceTracker, SceneCuts, Track
 
@@ -64,9 +70,14 @@ class RunResult:
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
 
 
-def pick_device(device: str = "auto") -> str:
+def check_device_name(device: str) -> str:
     if not _DEVICE.fullmatch(device or ""):
         raise VidanonError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
+def pick_device(device: str = "auto") -> str:
+    check_device_name(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -130,32 +141,145 @@ def engine_strength(model: FaceModel, settings: dict) -> float:
     Stored resolved in the sidecar, so recovery uses the same schedule even if the model's
     recommendation changes later.
     """
+    return spec_strength(model.spec, settings)
+
+
+def spec_strength(spec: ModelSpec, settings: dict) -> float:
+    """``engine_strength`` from the model's spec alone (a Ray driver never loads the model)."""
     value = settings["diffusion"].get("strength")
     if value is None:
-        value = model.spec.extra.get("engine", {}).get("strength", 1.0)
+        value = spec.extra.get("engine", {}).get("strength", 1.0)
     return float(value)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Frames ``start <= index < stop`` of a video, rendered on their own into a segment file.
+
+    ``pts`` are the span's timestamps (``media.frame_pts``), so a worker can seek instead of
+    decoding from the start; the segment is written with pts shifted by ``-pts[0]`` (see
+    ``media.join_parts``).  Without timestamps a video is never split (``start`` is 0).
+    """
+
+    start: int
+    stop: int
+    pts: tuple[int, ...] | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.pts[0] if self.pts else 0
 
 
 def _render(src: Path, output: Path, info, model: FaceModel, settings: dict,
             keys: dict[int, Key], plan: dict[int, list[FaceJob]], what: str,
-            quiet: bool, masks: FaceMasks, observer=None,
-            grow: dict[int, float] | None = None, base: Path | None = None) -> None:
+            quiet: bool, observer=None, grow: dict[int, float] | None = None,
+            base: Path | None = None, span: Span | None = None,
+            masks: FaceMasks | None = None) -> None:
     """Decode ``src``, apply the keyed transform to the planned faces, encode to ``output``.
 
     ``what`` is "anonymize" or "recover"; both are the same keyed transform (an involution).
     ``masks``: each face's region; ``grow``: tracks whose region is enlarged by that factor.
     ``base``: an earlier output to paint the planned faces onto (cut from ``src``).
+    ``span``: only these frames, into a segment file without audio (a Ray work unit); the
+    whole output is then ``media.join_parts`` of the segments.
     """
     engine = Engine(model, engine_settings(model, settings))
     transform = engine.anonymize if what == "anonymize" else engine.recover
+    if masks is None:  # no traced regions: the model's fixed oval
+        masks = FaceMasks(model.spec, "oval", float(settings["faces"]["feather"]))
     renderer = FrameRenderer(model.spec, masks, transform, keys, engine.settings.batch_size,
                              observer=observer, grow=grow)
-    with VideoWriter(output, info, _encode_settings(settings), audio_from=src) as writer:
-        frames = tqdm(read_frames(base or src), total=info.frames, desc=what, unit="f",
-                      disable=quiet, leave=False)
-        sources = read_frames(src) if base is not None else None
+    with VideoWriter(output, info, _encode_settings(settings),
+                     audio_from=src if span is None else None) as writer:
+        if span is None:
+            frames = read_frames(base or src)
+            sources = read_frames(src) if base is not None else None
+        else:
+            frames = read_span(base or src, span.start, span.stop, span.pts)
+            sources = (read_span(src, span.start, span.stop, span.pts)
+                       if base is not None else None)
+        frames = tqdm(frames, total=info.frames if span is None else span.stop - span.start,
+                      desc=what, unit="f", disable=quiet, leave=False)
         for frame in renderer.render(frames, lambda f: plan.get(f, []), sources):
+            if span is not None and frame.pts is not None:
+                frame = replace(frame, pts=frame.pts - span.offset)
             writer.write(frame)
+
+
+@dataclass
+class RenderPass:
+    """One rendering pass over a whole video, as ``run`` asks a ``Renderer`` for it.
+
+    ``number`` 0 is the first pass; n > 0 the privacy guard's n-th escalation, which paints
+    the escalated tracks (the only ones in ``plan``) from ``src`` onto ``base``.
+    """
+
+    number: int
+    src: Path
+    dst: Path
+    info: VideoInfo
+    settings: dict
+    plan: dict[int, list[FaceJob]]
+    keys: dict[int, Key]
+    grow: dict[int, float] | None = None
+    base: Path | None = None
+    masks: FaceMasks | None = None  # traced before rendering; None: the fixed oval
+
+
+def render_span(model: FaceModel, rp: RenderPass, span: Span, observer=None) -> None:
+    """Render ``span`` of a pass into the segment file ``rp.dst`` (a Ray work unit).
+
+    The same loop as a whole pass, from a span boundary where the whole pass holds no frame
+    back (``render.batch_boundaries``), so the segment's pixels are the whole pass's.
+    """
+    _render(rp.src, rp.dst, rp.info, model, rp.settings, rp.keys, rp.plan, "anonymize", True,
+            observer=observer, grow=rp.grow, base=rp.base, span=span, masks=rp.masks)
+
+
+class Renderer(Protocol):
+    """Where the diffusion pass runs; everything else in ``run`` is the same for all."""
+
+    spec: ModelSpec
+
+    def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
+        """An unfinished earlier job for ``output`` to continue (its id and master key)."""
+
+    def started(self, job_id: str) -> dict:
+        """The job this run works on (new or continued); extra fields for its keyring entry."""
+
+    def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
+        """Write ``rp.dst`` whole (audio included); the guard sees every replaced face."""
+
+    def end(self, error: BaseException | None) -> bool:
+        """The job is over (``error`` None: published); True keeps its work for a re-run."""
+
+
+class LocalRenderer:
+    """The model in this process, each pass one decode-transform-encode loop over the video."""
+
+    def __init__(self, model_name: str | None, device: str) -> None:
+        self.model = load_model(model_name, device=pick_device(device))
+        self.spec = self.model.spec
+
+    def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
+        return None
+
+    def started(self, job_id: str) -> dict:
+        return {}
+
+    def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
+        _render(rp.src, rp.dst, rp.info, self.model, rp.settings, rp.keys, rp.plan,
+                "anonymize", quiet, observer=guard.observe if guard is not None else None,
+                grow=rp.grow, base=rp.base, masks=rp.masks)
+
+    def end(self, error: BaseException | None) -> bool:
+        return False
+
+
+def new_job() -> tuple[str, Key]:
+    """A fresh job id and master key.  Tests replace this function (monkeypatch) to compare
+    two runs pixel for pixel; there is deliberately no option to fix a key."""
+    return new_job_id(), Key.generate()
 
 
 def _encode_settings(settings: dict) -> EncodeSettings:
@@ -219,13 +343,14 @@ def _published(job_id: str, entry: dict) -> bool:
 def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         model_name: str | None = None, device: str = "auto", quiet: bool = False,
         passphrase: str | None = None, link_identities: bool = False,
-        overwrite: bool = False) -> RunResult:
+        overwrite: bool = False, renderer: Renderer | None = None) -> RunResult:
     """Anonymize ``inp`` into ``output`` + sidecar; the job's master key goes to the keyring.
 
     Keys first: the job is in the keyring (status "pending") before anything is rendered,
     so a published output always has its key.  The video and sidecar are rendered under
     temporary names and published together (``vidanon.publish``); only then is the job
-    marked "complete".  On any failure the temporary files and the pending job are removed.
+    marked "complete".  On any failure the temporary files and the pending job are removed,
+    unless the renderer keeps finished work for a re-run (Ray): then the job stays pending.
     """
     from vidanon import publish
 
@@ -235,20 +360,24 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     check_output(inp, output, overwrite)
     publish.clean_stale(output)
     info = probe(inp)
-    dev = pick_device(device)
-    model = load_model(model_name or settings.get("model"), device=dev)
-    spec = model.spec
+    if renderer is None:
+        renderer = LocalRenderer(model_name or settings.get("model"), device)
+    spec = renderer.spec
     # Resolve the model-dependent default now, so the sidecar records what was actually used.
     settings = {**settings, "diffusion": {**settings["diffusion"],
-                                          "strength": engine_strength(model, settings)}}
+                                          "strength": spec_strength(spec, settings)}}
 
-    job_id = new_job_id()
-    master = Key.generate()
     ring = Keyring.open(keyring_path, passphrase=passphrase, create=True)
-    ring.add_job(job_id, master, {"input": inp.name, "output": output.name, "created": _now(),
-                                  "output_path": str(output.resolve()),
-                                  "host": socket.gethostname(), "pid": os.getpid()},
-                 status="pending")
+    here = {"host": socket.gethostname(), "pid": os.getpid()}
+    resumed = renderer.begin(inp, output, ring)
+    job_id, master = resumed if resumed is not None else new_job()
+    note = renderer.started(job_id)
+    if resumed is not None:
+        ring.update_job(job_id, **here, **note)  # this run takes the unfinished job over
+    else:
+        ring.add_job(job_id, master, {"input": inp.name, "output": output.name,
+                                      "created": _now(), "output_path": str(output.resolve()),
+                                      **here, **note}, status="pending")
     ring.prune_dead_pending(_published)
     ring.save()
     temps: list[Path] = []
@@ -274,17 +403,24 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         g = settings["guard"]
         esc = Escalations(dict(key_track), float(g["mask_grow"]))
         guard = PrivacyGuard(spec, float(g["threshold"])) if g["verify"] else None
+        # Face regions are traced once, before rendering, on the original crops: every pass
+        # (the guard's re-renders, a Ray worker's segment) then uses the very same regions.
         masks = FaceMasks(spec, settings["faces"]["mask"], float(settings["faces"]["feather"]))
+        if masks.uses_landmarks:
+            masks.trace(tqdm(read_frames(inp), total=info.frames, desc="face masks", unit="f",
+                             disable=quiet, leave=False), plan)
 
         def keys_now() -> dict[int, Key]:
             return {t: track_key(master, job_id, esc.key_track[t], esc.epoch(t))
                     for t in key_track}
 
-        _render(inp, tmp_video, info, model, settings, keys_now(), plan, "anonymize", quiet,
-                masks, observer=guard.observe if guard else None)
+        renderer.render(RenderPass(0, inp, tmp_video, info, settings, plan, keys_now(),
+                                   masks=masks), guard, quiet)
         clock["rendered"] = time.perf_counter()
         failing = guard.failing() if guard is not None else []
+        rounds = 0
         while failing:
+            rounds += 1
             log.info("privacy guard: %d track(s) still match the original; escalating",
                      len(failing))
             esc.escalate(failing)
@@ -293,9 +429,9 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
                     for f, jobs in escalated_plan(plan, esc).items()}
             nxt = publish.temp_path(output, output.suffix or ".mp4")
             temps.append(nxt)
-            _render(inp, nxt, info, model, settings, keys_now(), redo, "anonymize", quiet,
-                    masks, observer=guard.observe, grow={t: esc.grow(t) for t in failing},
-                    base=tmp_video)
+            renderer.render(RenderPass(rounds, inp, nxt, info, settings, redo, keys_now(),
+                                       grow={t: esc.grow(t) for t in failing},
+                                       base=tmp_video, masks=masks), guard, quiet)
             os.replace(nxt, tmp_video)
             temps.remove(nxt)
             failing = [t for t in guard.failing() if not esc.blurred(t)]
@@ -303,21 +439,23 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         keys = keys_now()
         plan = escalated_plan(plan, esc)
         key_track = esc.key_track
-        masks.close()
-        doc = _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
+        doc = _build_sidecar(job_id, inp, output, info, spec, settings, tracks, plan, keys,
                              key_track, rendered=tmp_video, guard=guard, esc=esc, masks=masks)
         sidecar.sign(doc, master, keys)
         temps.append(publish.write_temp_sidecar(output, doc))
         publish.publish(temps[0], temps[1], output, overwrite)
-    except BaseException:
+    except BaseException as exc:
         for t in temps:
             t.unlink(missing_ok=True)
+        if renderer.end(exc):
+            raise  # finished work is kept: the job stays pending, for the re-run to continue
         try:
             ring.remove_job(job_id)
             ring.save()
         except Exception:  # the original error matters more; the entry stays "pending"
             log.warning("could not remove pending job %s from the keyring", job_id)
         raise
+    renderer.end(None)
     # Published: the job is complete.  If this write fails the output is still recoverable
     # (the job stays "pending" and the sidecar names it), so report rather than fail.
     ring.update_job(job_id, status="complete",
@@ -351,7 +489,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, keys,
+def _build_sidecar(job_id, inp, output, info, spec: ModelSpec, settings, tracks, plan, keys,
                    key_track, rendered: Path | None = None, guard: PrivacyGuard | None = None,
                    esc: Escalations | None = None, masks: FaceMasks | None = None) -> dict:
     sealed = {tr.id: masks.seal(tr.id, keys[tr.id], job_id) for tr in tracks} if masks else {}
@@ -370,7 +508,7 @@ def _build_sidecar(job_id, inp, output, info, model, settings, tracks, plan, key
         "input": {**{k: v for k, v in info.as_dict().items() if k != "path"},
                   "name": inp.name, "sha256": sidecar.file_sha256(inp)},
         "output": {"name": output.name, "sha256": sidecar.file_sha256(rendered or output)},
-        "model": model.spec.as_dict(),
+        "model": spec.as_dict(),
         "settings": settings,
         "linked_identities": {str(t): k for t, k in key_track.items() if t != k},
         "privacy_guard": ({"recogniser": "MobileFaceNet", "threshold": guard.threshold,
@@ -480,5 +618,6 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
 
     grow = {tid: float(sidecar.track_entry(doc, tid).get("mask_grow", 1.0)) for tid in keys}
     masks = recovery_masks(doc, model.spec, keys)
-    _render(video, output, info, model, settings, keys, plan, "recover", quiet, masks, grow=grow)
+    _render(video, output, info, model, settings, keys, plan, "recover", quiet, grow=grow,
+            masks=masks)
     return output

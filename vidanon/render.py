@@ -36,6 +36,9 @@ class FaceJob:
     mode: str  # "diffusion" or "blur"
 
 
+# Frames held back at most before a flush, whatever the batch size.
+MAX_WINDOW = 64
+
 Transform = Callable[[torch.Tensor, torch.Tensor, Sequence[Key]], torch.Tensor]
 
 
@@ -49,7 +52,7 @@ class FrameRenderer:
     the sidecar for recovery); ``grow`` enlarges the region of escalated tracks."""
 
     def __init__(self, spec: ModelSpec, masks: FaceMasks, transform: Transform,
-                 keys: dict[int, Key], batch_size: int, max_window: int = 64,
+                 keys: dict[int, Key], batch_size: int, max_window: int = MAX_WINDOW,
                  observer: Observer | None = None,
                  grow: dict[int, float] | None = None) -> None:
         self.spec = spec
@@ -109,3 +112,30 @@ class FrameRenderer:
                 window, pending = [], 0
         if window:
             yield from self._flush(window)
+
+
+def batch_boundaries(frames: int, plan: Callable[[int], list[FaceJob]], batch_size: int,
+                     max_window: int = MAX_WINDOW) -> list[int]:
+    """Frame indices at which ``FrameRenderer.render`` holds no frame back, plus the end
+    (``frames``), replaying its batching decisions from the plan alone.
+
+    A span of frames that starts and ends at such points is rendered in exactly the same
+    engine batches whether the whole video is rendered at once or the span alone: the UNet's
+    arithmetic is batch-invariant only to ~1e-7, and a rounding flip moves output pixels, so
+    this is what lets segments rendered on different machines join into the single-machine
+    output bit for bit.
+    """
+    points = []
+    window = pending = 0
+    for f in range(frames):
+        if window == 0:
+            points.append(f)
+        jobs = plan(f)
+        if not jobs and window == 0:
+            continue
+        window += 1
+        pending += sum(j.mode == "diffusion" for j in jobs)
+        if pending >= batch_size or window >= max_window:
+            window = pending = 0
+    points.append(frames)  # the end flushes whatever is held, in both cases
+    return points
