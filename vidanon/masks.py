@@ -124,8 +124,6 @@ class _Mesher:
         self._fm = face_mesh
         self._live: OrderedDict[int, object] = OrderedDict()
         self.max_live = max_live
-        self.found = 0
-        self.missed = 0
 
     def _tracker(self, track_id: int):
         if track_id in self._live:
@@ -149,12 +147,10 @@ class _Mesher:
         rgb = cv2.copyMakeBorder(np.ascontiguousarray(crop_bgr[..., ::-1]), pad, pad, pad, pad,
                                  cv2.BORDER_REPLICATE)
         mesh = self._tracker(track_id)
-        with _native_stderr_silenced():  # tracking-path notes, once per graph
+        with _native_stderr_silenced():  # its tracking path prints notes too
             res = mesh.process(rgb)
         if not res.multi_face_landmarks:
-            self.missed += 1
             return None
-        self.found += 1
         lm = res.multi_face_landmarks[0].landmark
         full = size + 2 * pad
         return np.array([(p.x * full - pad, p.y * full - pad) for p in lm], np.float64)
@@ -185,6 +181,8 @@ class FaceMasks:
             raise SidecarError(f"unknown mask preset {self.preset!r}; "
                                f"one of {', '.join(PRESETS)}")
         self._mesher: _Mesher | None = None
+        self._last: dict[int, list[np.ndarray]] = {}  # per track: its latest traced record
+        self._found = self._missed = 0
         self._oval = _quantize(oval_points(self.spec))
         self._cache: dict[float, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -196,8 +194,6 @@ class FaceMasks:
         key = (track_id, frame)
         if key in self.records:
             return self.records[key]
-        if not self.uses_landmarks:
-            return [self._oval]
         if not self.tracing or crop_bgr is None:
             raise SidecarError(f"no face mask stored for track {track_id} frame {frame}")
         t0 = time.perf_counter()
@@ -206,17 +202,18 @@ class FaceMasks:
         lm = self._mesher.landmarks(track_id, crop_bgr)
         self.seconds += time.perf_counter() - t0
         if lm is None:  # keep the track's last contour (the face moved little), else the oval
-            prev = [k for k in self.records if k[0] == track_id]
-            rec = self.records[max(prev)] if prev else [self._oval]
+            self._missed += 1
+            rec = self._last.get(track_id, [self._oval])
         else:
+            self._found += 1
             rec = [_quantize(lm[list(idx)]) for idx in PRESETS[self.preset][0]]
-        self.records[key] = rec
+        self.records[key] = self._last[track_id] = rec
         return rec
 
     def get(self, track_id: int, frame: int, crop_bgr: np.ndarray | None,
             grow: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """(hard mask, paste alpha) in crop space for one face."""
-        if not self.uses_landmarks and (track_id, frame) not in self.records:
+        if not self.uses_landmarks:  # no records exist for the oval preset
             return self.oval(grow)
         recs = self.contours(track_id, frame, crop_bgr)
         m = rasterize(recs, self.spec.crop_size, PRESETS[self.preset][1], grow)
@@ -249,7 +246,7 @@ class FaceMasks:
     @property
     def traced(self) -> tuple[int, int]:
         """(faces FaceMesh found, faces it missed) so far."""
-        return (self._mesher.found, self._mesher.missed) if self._mesher else (0, 0)
+        return self._found, self._missed
 
     # -- sealing ---------------------------------------------------------------------------
 
