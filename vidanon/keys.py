@@ -499,8 +499,9 @@ class _NoPickle:
         raise TypeError(f"{type(self).__name__} holds a private key and must not be pickled")
 
 
-class KeySealer(_NoPickle):
-    """Driver side: seals a unit's track keys for one worker."""
+class _Party(_NoPickle):
+    """One end of the driver-worker channel: an X25519 key pair whose private half never
+    leaves this process, and the session keys agreed with the other ends so far."""
 
     def __init__(self) -> None:
         self._private = X25519PrivateKey.generate()
@@ -508,7 +509,11 @@ class KeySealer(_NoPickle):
         self._keys: dict[bytes, bytes] = {}
 
     def __repr__(self) -> str:
-        return "KeySealer(...)"
+        return f"{type(self).__name__}(...)"
+
+
+class KeySealer(_Party):
+    """Driver side: seals a unit's track keys for one worker."""
 
     def seal(self, worker: bytes, keys: dict[int, Key], aad: bytes) -> bytes:
         """``driver public | worker public | nonce | AES-GCM(track id, key ...)``."""
@@ -520,16 +525,8 @@ class KeySealer(_NoPickle):
         return self.public + worker + nonce + AESGCM(self._keys[worker]).encrypt(nonce, body, aad)
 
 
-class KeyOpener(_NoPickle):
+class KeyOpener(_Party):
     """Worker side: the private half stays in this process; ``public`` goes to the driver."""
-
-    def __init__(self) -> None:
-        self._private = X25519PrivateKey.generate()
-        self.public = self._private.public_key().public_bytes_raw()
-        self._keys: dict[bytes, bytes] = {}
-
-    def __repr__(self) -> str:
-        return "KeyOpener(...)"
 
     def open(self, sealed: bytes, aad: bytes) -> dict[int, Key]:
         driver, worker, nonce, ct = sealed[:32], sealed[32:64], sealed[64:76], sealed[76:]
