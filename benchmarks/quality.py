@@ -36,7 +36,8 @@ from vidanon.diffusion.engine import Engine, _blur, background_fill, psnr
 from vidanon.diffusion.models import ModelSpec, load_model
 from vidanon.keys import Key
 from vidanon.media import probe, read_frames
-from vidanon.pipeline import detect_and_track, engine_settings
+from vidanon.passes import engine_settings
+from vidanon.pipeline import detect_and_track
 from vidanon.prior.data import load_dataset, split_indices
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -108,7 +108,7 @@ def measured_calls(steps_list=STEP_COUNTS, n: int = 8) -> dict[int, float]:
     from vidanon.config import load_settings
     from vidanon.diffusion.engine import Engine
     from vidanon.keys import Key
-    from vidanon.pipeline import engine_settings
+    from vidanon.passes import engine_settings
 
     model = _model("bundled")
     base = engine_settings(model, load_settings())

@@ -14,7 +14,7 @@ from vidanon.align import warp_crop
 from vidanon.cli import app
 from vidanon.diffusion.engine import Engine
 from vidanon.diffusion.models import tiny_pixel
-from vidanon.guard import PrivacyGuard
+from vidanon.guard import MFN_THRESHOLD, PrivacyGuard, threshold_at
 from vidanon.media import cut, read_frames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,9 +35,54 @@ def test_guard_scores_identical_faces_as_a_match_and_noise_as_not():
     rng = np.random.default_rng(0)
     face = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     smooth = np.full_like(face, 128)  # MobileFaceNet cosine to the noise "face": ~0.37
-    g.observe([(1, 0), (2, 0)], [face, face], [face.copy(), smooth])
+    g.observe([(1, 0, 60.0, False), (2, 0, 60.0, False)], [face, face], [face.copy(), smooth])
     assert g.tracks[1].max_similarity > 0.99 and g.failing() == [1]
-    assert g.tracks[2].max_similarity < g.threshold
+    assert g.tracks[2].max_similarity < g.tracks[2].threshold == pytest.approx(MFN_THRESHOLD)
+
+
+def test_small_faces_are_judged_at_the_threshold_of_their_size():
+    # Blurs of different people score higher than sharp faces: the guard asks whether the
+    # anonymized face matches more than an impostor pair of that size would.
+    assert threshold_at(8) > threshold_at(16) > threshold_at(40) >= threshold_at(100)
+    assert threshold_at(100) == pytest.approx(MFN_THRESHOLD)
+    g = PrivacyGuard(tiny_pixel().spec)
+
+    def pair(c: float, sizes: list[float]) -> None:  # crop pairs whose cosine is c
+        u, v = np.array([1.0, 0.0]), np.array([c, np.sqrt(1 - c * c)])
+        out = iter([np.tile(u, (len(sizes), 1)), np.tile(v, (len(sizes), 1))])
+        g.embed = lambda crops: next(out)
+        crops = [np.zeros((8, 8, 3), np.uint8)] * len(sizes)
+        g.observe([(t, 0, e, False) for t, e in enumerate(sizes, 1)], crops, crops)
+
+    g.blur_reference = lambda crops: np.zeros(len(crops))  # a blur that removes the person
+    c = (threshold_at(8) + MFN_THRESHOLD) / 2  # an impostor score for 8-px faces, not 80
+    pair(c, [8.0, 80.0])
+    assert g.failing() == [2]
+    assert g.tracks[1].threshold == pytest.approx(threshold_at(8))
+
+
+def test_a_face_no_closer_to_its_original_than_a_blur_is_not_a_match():
+    # Dark, featureless faces score ~0.9 against their own blur: the recogniser measures the
+    # lack of detail there, and the guard's last resort could never pass either.
+    g = PrivacyGuard(tiny_pixel().spec)
+    crops = [np.zeros((32, 32, 3), np.uint8)]
+    for c, ref, matched in ((0.8, 0.9, False), (0.95, 0.9, True), (0.8, 0.1, True)):
+        u, v = np.array([1.0, 0.0]), np.array([c, np.sqrt(1 - c * c)])
+        out = iter([u[None], v[None]])
+        g.embed = lambda crops, out=out: next(out)
+        g.blur_reference = lambda crops, ref=ref: np.full(len(crops), ref)
+        g.reset([1])
+        g.observe([(1, 0, 80.0, False)], crops, crops)
+        assert (g.failing() == [1]) is matched, (c, ref)
+        assert g.tracks[1].threshold == pytest.approx(max(ref, MFN_THRESHOLD), abs=1e-5)
+    # A blurred face is its own reference: never "more similar than a blur".
+    out = iter([np.array([[1.0, 0.0]]), np.array([[0.99, np.sqrt(1 - 0.99**2)]])])
+    g.embed = lambda crops: next(out)
+    g.reset([1])
+    g.observe([(1, 0, 80.0, True)], crops, crops)
+    assert g.failing() == [] and g.tracks[1].max_similarity == pytest.approx(0.99)
+    fixed = PrivacyGuard(tiny_pixel().spec, threshold=0.3)
+    assert fixed.threshold_for(8.0) == fixed.threshold_for(80.0) == 0.3
 
 
 def test_forced_leak_is_escalated_to_blur_and_recorded(clip, tmp_path, monkeypatch):
@@ -47,14 +92,17 @@ def test_forced_leak_is_escalated_to_blur_and_recorded(clip, tmp_path, monkeypat
     res = runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring), *FAST])
     assert res.exit_code == 0, res.output
     doc = sidecar.read(sidecar.sidecar_path(out))
-    assert doc["privacy_guard"]["threshold"] == pytest.approx(0.4504)
+    by_size = doc["privacy_guard"]["threshold"]  # eye px -> threshold, as the guard used it
+    assert min(by_size.values()) == pytest.approx(0.4504) and "benchmarks" in \
+        doc["privacy_guard"]["threshold_source"]
     escalated = [t for t in doc["tracks"] if t.get("escalations")]
     assert escalated, "the guard let unchanged faces through"
     for t in escalated:
         assert t["escalations"] == ["mask", "key", "blur"]
         assert "cannot be recovered" in t["note"]
-        assert t["privacy"]["max_similarity"] >= t["privacy"]["threshold"]
         assert all(r["mode"] == "blur" for r in t["frames"])
+        # The blur is a written face too: checked on every frame, and it no longer matches.
+        assert t["privacy"]["frames_checked"] == len(t["frames"]) and t["privacy"]["passed"]
     line = next(x for x in res.output.splitlines() if x.startswith("privacy:"))
     assert "escalated" in line and " 0 blurred" not in line
     shown = runner.invoke(app, ["inspect", str(sidecar.sidecar_path(out))]).output
@@ -124,3 +172,20 @@ def test_no_verify_skips_the_guard(clip, tmp_path):
     doc = sidecar.read(sidecar.sidecar_path(out))
     assert doc["privacy_guard"] == {"verified": False}
     assert not any("privacy" in t for t in doc["tracks"])
+
+
+def test_steps_that_fail_on_the_worst_frames_are_skipped_without_a_whole_pass(clip, tmp_path,
+                                                                             monkeypatch):
+    # Unchanged faces fail the larger mask and the new key on their worst frames already:
+    # the guard learns that from probes and re-renders the video once, with the blur.
+    from vidanon import pipeline
+    from vidanon.config import load_settings
+
+    monkeypatch.setattr(Engine, "anonymize", lambda self, x, m, k: x.clone())
+    res = pipeline.run(clip, tmp_path / "o.mp4", tmp_path / "ring.json",
+                       load_settings(None, ["diffusion.steps=2", "diffusion.refine=0"]),
+                       "tiny-pixel", "cpu", quiet=True)
+    t = res.timings
+    assert t["guard_passes"] == 1 and t["guard_probes"] == 2, t
+    assert 0 < t["guard_probe_crops"] <= 2 * 3 * res.tracks  # 3 worst frames per track
+    assert res.privacy["faces_blurred"] == res.faces and res.privacy["faces_escalated"] == res.faces

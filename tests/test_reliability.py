@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from vidanon import pipeline, publish, sidecar
+from vidanon import passes, pipeline, publish, sidecar
 from vidanon.cli import app
 from vidanon.errors import KeyMaterialError, MediaError, VidanonError
 from vidanon.keys import Key, Keyring, export_track_key, read_track_key
@@ -417,7 +417,7 @@ def test_failure_while_rendering_removes_pending_job_and_temp_files(clip, tmp_pa
     def boom(*a, **k):
         raise MediaError("disk full (simulated)")
 
-    monkeypatch.setattr(pipeline, "_render", boom)
+    monkeypatch.setattr(passes, "render_video", boom)
     out, ring = tmp_path / "o.mp4", tmp_path / "k.json"
     r = runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring), *FAST])
     assert r.exit_code == 2 and "disk full" in r.stderr
@@ -430,7 +430,7 @@ def _run_and_die(clip: str, out: str, ring: str, where: str) -> None:
         os._exit(9)
 
     if where == "render":
-        pipeline._render = die
+        passes.render_video = die
     else:  # after publishing, before the job is marked complete
         Keyring.update_job = die
     from vidanon.config import load_settings
@@ -504,7 +504,7 @@ def test_sigterm_during_render_cleans_up(clip, tmp_path, monkeypatch):
         time.sleep(5)  # the handler interrupts this
         pytest.fail("SIGTERM did not interrupt the run")
 
-    monkeypatch.setattr(pipeline, "_render", term)
+    monkeypatch.setattr(passes, "render_video", term)
     out, ring = tmp_path / "o.mp4", tmp_path / "k.json"
     before = signal.getsignal(signal.SIGTERM)
     r = runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring), *FAST])

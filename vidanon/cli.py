@@ -165,8 +165,10 @@ def run(
     """Anonymize every face; write OUTPUT, its sidecar, and the keys to the keyring."""
     from vidanon.batch import run_folder
     from vidanon.config import load_settings
-    from vidanon.pipeline import check_output, default_output, pick_device
+    from vidanon.passes import pick_device
+    from vidanon.pipeline import default_output
     from vidanon.pipeline import run as run_one
+    from vidanon.publish import check_output
 
     try:
         with _signals_as_exit():
@@ -294,7 +296,7 @@ def recover(
     quiet: Quiet = False,
 ) -> None:
     """Restore the chosen tracks' faces; all other faces stay anonymized."""
-    from vidanon.pipeline import pick_device
+    from vidanon.passes import pick_device
     from vidanon.pipeline import recover as recover_video
 
     try:

@@ -87,7 +87,7 @@ class EncodeSettings(_Section):
 
 class GuardSettings(_Section):
     verify: bool = True
-    threshold: float = Field(default=0.4504, gt=0, lt=1)
+    threshold: float | None = Field(default=None, gt=0, lt=1)
     mask_grow: float = Field(default=1.2, ge=1, le=2)
 
 

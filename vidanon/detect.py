@@ -14,6 +14,9 @@ import cv2
 import numpy as np
 import supervision as sv
 
+from vidanon.errors import VidanonError
+from vidanon.media import read_frames
+
 # OpenCV's DNN engine warns on every model load that it ignores target hints; silence it.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
@@ -73,3 +76,30 @@ def make_detector(name: str = "yunet", **kwargs) -> YuNetDetector:
 
         raise VidanonError(f"unknown detector {name!r} (available: yunet)")
     return YuNetDetector(**kwargs)
+
+
+def refuse_silent_zero(inp: Path, info, settings: dict, stats: dict) -> None:
+    """A run that finds no face must not look like success if faces are there to be found.
+
+    Either the detector saw faces that tracking dropped, or non-default detection settings
+    found nothing where the default detector (on a sample of frames) finds faces.
+    """
+    if stats.get("detections", 0):
+        raise VidanonError(f"{stats['detections']} face detections but no face track: check "
+                           "the track.* settings; nothing was written")
+    from vidanon.config import load_settings
+
+    default = load_settings()["detect"]
+    det = settings["detect"]
+    if all(float(det[k]) == float(default[k]) for k in ("score_threshold", "scale")):
+        return
+    detector = make_detector(score_threshold=default["score_threshold"], scale=default["scale"])
+    step = max(1, int(info.frames or 1) // 24)
+    hits = sum(1 for frame in read_frames(inp) if frame.index % step == 0
+               and len(detector(frame.image)))
+    if hits:
+        shown = ", ".join(f"detect.{k}={det[k]}" for k in ("score_threshold", "scale"))
+        raise VidanonError(f"no face found with {shown}, but the default detector finds faces "
+                           f"in {hits} sampled frames; nothing was written")
+
+

@@ -5,10 +5,12 @@ leave a face that a recogniser still matches to the original person. The guard e
 original aligned crop and its anonymized version with MobileFaceNet (bundled), in every frame
 of every track, and a track whose anonymized face still matches in *any* frame fails.
 
-The threshold is MobileFaceNet's cosine at FAR 0.1 % on sharp faces: 0.4504, measured over
-499,497 impostor pairs of 1,000 adult UTKFace faces at 128 px (``benchmarks._identity.
-sharp_thresholds``). Thresholds from small or blurry faces are much looser (0.67 from 64-px
-crops), and would let leaks through.
+"Matches" means a cosine at or above MobileFaceNet's threshold at FAR 0.1 % *for a face of that
+size in the frame*: a face 10 px between the eyes, cut out and upscaled to a crop, is a blur,
+and blurs of two different people score higher than two sharp faces do. Judged at the sharp
+threshold, small faces would be escalated (and re-rendered, and finally blurred) on evidence
+that impostor pairs of the same size produce 1 time in 1,000. The table comes from
+``benchmarks/thresholds.py``; a fixed ``guard.threshold`` overrides it for every size.
 """
 
 from __future__ import annotations
@@ -18,72 +20,134 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vidanon.align import blur_face
 from vidanon.diffusion.models import ModelSpec, template_points
 from vidanon.identity import FaceEmbedder
+from vidanon.masks import FaceMasks
 from vidanon.render import FaceJob
 
-MFN_THRESHOLD = 0.4504
+MFN_THRESHOLD = 0.4504  # sharp faces (eyes 54 px apart in a 128-px crop, or more)
 THRESHOLD_SOURCE = ("MobileFaceNet cosine at FAR 0.1 % over 499,497 impostor pairs of 1,000 "
-                    "adult UTKFace faces at 128 px")
+                    "adult UTKFace faces, shrunk to the face's eye distance and cut back to "
+                    "128 px (benchmarks/thresholds.py)")
+# Eye distance in the frame (px) -> MobileFaceNet cosine at FAR 0.1 % (benchmarks/results/
+# thresholds.json); linear in between, the sharp threshold beyond the last entry.
+SIZE_THRESHOLDS: dict[float, float] = {
+    6: 0.7938, 8: 0.6484, 10: 0.5411, 12: 0.493, 16: 0.4617, 20: 0.4548, 24: 0.4524,
+    32: 0.4516, 40: 0.4504, 54: MFN_THRESHOLD,
+}
+
+
+def threshold_at(eye_px: float) -> float:
+    """MobileFaceNet's same-person threshold (FAR 0.1 %) for a face ``eye_px`` wide."""
+    xs = np.fromiter(SIZE_THRESHOLDS, float)
+    return float(np.interp(eye_px, xs, np.fromiter(SIZE_THRESHOLDS.values(), float)))
+
+
+PROBE_FRAMES = 3  # a track's worst frames kept: where an escalation is tried first
 
 
 @dataclass
 class TrackCheck:
+    """A track's worst frame: the one closest to (or furthest past) its own threshold, and
+    the few worst frames, where the guard tries the track's next escalation first."""
+
     frames: int = 0
     max_similarity: float = -1.0
     worst_frame: int = -1
+    threshold: float = 1.0  # at the worst frame's face size
+    worst: list[tuple[float, int]] = field(default_factory=list)  # (margin, frame), worst first
 
-    def as_dict(self, threshold: float) -> dict:
+    @property
+    def margin(self) -> float:
+        return self.max_similarity - self.threshold
+
+    def as_dict(self) -> dict:
         return {"frames_checked": self.frames,
                 "max_similarity": round(self.max_similarity, 4),
                 "worst_frame": self.worst_frame,
-                "threshold": threshold,
-                "passed": self.max_similarity < threshold}
+                "threshold": round(self.threshold, 4),
+                "passed": self.max_similarity < self.threshold}
+
+    def take(self, other: TrackCheck) -> None:
+        """Fold in ``other`` (later frames): counts add up, the first worst frame stays."""
+        self.frames += other.frames
+        if other.margin > self.margin:
+            self.max_similarity, self.worst_frame = other.max_similarity, other.worst_frame
+            self.threshold = other.threshold
+        pool = self.worst + (other.worst or [(other.margin, other.worst_frame)])
+        self.worst = sorted(pool, key=lambda w: (-w[0], w[1]))[:PROBE_FRAMES]
 
 
 @dataclass
 class PrivacyGuard:
-    """Collects, per track, the highest original-vs-anonymized similarity seen."""
+    """Collects, per track, the frame whose similarity comes closest to its threshold.
+
+    ``threshold`` None judges each face at the threshold of its size (``threshold_at``); a
+    number judges every face at that cosine.
+    """
 
     spec: ModelSpec
-    threshold: float = MFN_THRESHOLD
+    threshold: float | None = None
     tracks: dict[int, TrackCheck] = field(default_factory=dict)
     seconds: float = 0.0  # spent embedding: the guard's own share of a run
 
     def __post_init__(self) -> None:
         self._embedder = FaceEmbedder()
         self._pts = template_points(self.spec)
+        self._oval_alpha = FaceMasks(self.spec, "oval").oval(1.0)[1]
+
+    def threshold_for(self, eye_px: float) -> float:
+        return threshold_at(eye_px) if self.threshold is None else self.threshold
 
     def embed(self, crops_bgr: list[np.ndarray]) -> np.ndarray:
         """Unit MobileFaceNet embeddings of aligned crops, one network call per batch."""
         return self._embedder.many(crops_bgr, self._pts)
 
-    def observe(self, faces: list[tuple[int, int]], originals: list[np.ndarray],
+    def observe(self, faces: list[tuple[int, int, float, bool]], originals: list[np.ndarray],
                 anonymized: list[np.ndarray]) -> None:
-        """``faces``: (track id, frame index) of each crop pair."""
+        """``faces``: (track id, frame index, eye distance in the frame, blurred) per crop pair.
+
+        A face matches when its similarity reaches the threshold of its size *and* exceeds
+        that of the guard's own blur of the original (``blur_reference``): a dark, featureless
+        face scores 0.8-0.9 against its own blur, so there the recogniser measures the lack of
+        detail, not the person, and a replacement that differs more than a blur does is as
+        private as the irreversible last resort. A blurred face is its own reference.
+        """
         t0 = time.perf_counter()
         sims = np.sum(self.embed(originals) * self.embed(anonymized), axis=1)
+        thr = np.array([self.threshold_for(e) for _, _, e, _ in faces])
+        ref = np.array([s if blurred else -1.0 for (_, _, _, blurred), s in zip(faces, sims)])
+        check = [i for i, (s, t, r) in enumerate(zip(sims, thr, ref)) if s >= t and r < 0]
+        if check:
+            ref[check] = self.blur_reference([originals[i] for i in check])
+        # "More similar than a blur": a tie with the reference is not a match.
+        thr = np.maximum(thr, ref + 1e-6)
         self.seconds += time.perf_counter() - t0
-        for (tid, f), s in zip(faces, sims):
-            chk = self.tracks.setdefault(tid, TrackCheck())
-            chk.frames += 1
-            if s > chk.max_similarity:
-                chk.max_similarity, chk.worst_frame = float(s), int(f)
+        for (tid, f, _, _), s, t in zip(faces, sims, thr):
+            self.tracks.setdefault(tid, TrackCheck()).take(
+                TrackCheck(1, float(s), int(f), float(t)))
+
+    def blur_reference(self, originals: list[np.ndarray]) -> np.ndarray:
+        """Similarity of each original to the guard's last resort: its oval blurred away."""
+        identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        blurred = []
+        for crop in originals:
+            b = crop.copy()
+            blur_face(b, identity, self.spec, self._oval_alpha)
+            blurred.append(b)
+        return np.sum(self.embed(originals) * self.embed(blurred), axis=1)
 
     def merge(self, checks: dict[int, TrackCheck]) -> None:
         """Fold in what another guard saw over later frames (a segment rendered elsewhere).
 
-        Merged in frame order, this gives what ``observe`` over the whole video gives: the
-        counts add up and the first frame reaching the highest similarity stays the worst.
+        Merged in frame order, this gives what ``observe`` over the whole video gives.
         """
         for tid, c in checks.items():
-            chk = self.tracks.setdefault(tid, TrackCheck())
-            chk.frames += c.frames
-            if c.max_similarity > chk.max_similarity:
-                chk.max_similarity, chk.worst_frame = c.max_similarity, c.worst_frame
+            self.tracks.setdefault(tid, TrackCheck()).take(c)
 
     def failing(self) -> list[int]:
-        return sorted(t for t, c in self.tracks.items() if c.max_similarity >= self.threshold)
+        return sorted(t for t, c in self.tracks.items() if c.margin >= 0)
 
     def reset(self, track_ids: list[int]) -> None:
         for t in track_ids:
@@ -149,8 +213,15 @@ def privacy_summary(guard: PrivacyGuard | None, esc: Escalations,
         "faces_escalated": sum(n for t, n in per_track.items() if esc.level.get(t)),
         "faces_blurred": sum(n for t, n in per_track.items() if esc.blurred(t)),
         "tracks_escalated": sum(1 for t in per_track if esc.level.get(t)),
-        "max_similarity": round(max((c.max_similarity for c in guard.tracks.values()),
-                                    default=-1.0), 4) if guard else None,
-        "threshold": guard.threshold if guard else None,
+        **(_closest(guard) if guard else {"max_similarity": None, "threshold": None}),
         "preset_warning": warning,
     }
+
+
+def _closest(guard: PrivacyGuard) -> dict:
+    """The similarity and threshold of the face that came closest to matching."""
+    worst = max(guard.tracks.values(), key=lambda c: c.margin, default=None)
+    if worst is None:
+        return {"max_similarity": -1.0, "threshold": guard.threshold_for(1e9)}
+    return {"max_similarity": round(worst.max_similarity, 4),
+            "threshold": round(worst.threshold, 4)}

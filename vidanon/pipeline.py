@@ -21,24 +21,21 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import re
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from vidanon import __version__, sidecar
+from vidanon import __version__, publish, sidecar
 from vidanon.align import crop_transform, transform_scale
-from vidanon.detect import make_detector
-from vidanon.diffusion.engine import Engine, EngineSettings
-from vidanon.diffusion.models import FaceModel, ModelSpec, load_model
+from vidanon.detect import make_detector, refuse_silent_zero
+from vidanon.diffusion.models import ModelSpec, load_model
 from vidanon.errors import KeyMaterialError, SidecarError, VidanonError
 from vidanon.guard import (
+    SIZE_THRESHOLDS,
     THRESHOLD_SOURCE,
     Escalations,
     PrivacyGuard,
@@ -47,9 +44,18 @@ from vidanon.guard import (
 )
 from vidanon.keys import Key, Keyring, new_job_id, read_track_key, track_key
 from vidanon.masks import FaceMasks
-from vidanon.media import EncodeSettings, VideoInfo, VideoWriter, probe, read_frames, read_span
-from vidanon.render import FaceJob, FrameRenderer
+from vidanon.media import probe, read_frames
+from vidanon.passes import (
+    LocalRenderer,
+    Renderer,
+    RenderPass,
+    pick_device,
+    render_video,
+    spec_strength,
+)
+from vidanon.render import FaceJob
 from vidanon.track import FaceTracker, SceneCuts, Track
+from vidanon.verify import render_verified
 
 log = logging.getLogger("vidanon")
 
@@ -65,27 +71,6 @@ class RunResult:
     keyring: Path
     timings: dict = field(default_factory=dict)
     privacy: dict = field(default_factory=dict)
-
-
-_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?|mps)")
-
-
-def check_device_name(device: str) -> str:
-    if not _DEVICE.fullmatch(device or ""):
-        raise VidanonError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    return device
-
-
-def pick_device(device: str = "auto") -> str:
-    check_device_name(device)
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VidanonError(f"--device {device} asked for, but no CUDA GPU is available")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise VidanonError("--device mps asked for, but MPS is not available")
-    return device
-
 
 def default_output(inp: Path) -> Path:
     return inp.with_name(inp.stem + ".anon.mp4")
@@ -116,229 +101,19 @@ def detect_and_track(inp: Path, info, settings: dict, quiet: bool,
 
 def plan_faces(tracks: list[Track], spec, min_eye_px: float) -> dict[int, list[FaceJob]]:
     """Per frame, the faces to replace; faces too small for the model are blurred instead."""
-    eye_template = np.linalg.norm(np.subtract(spec.template[1], spec.template[0])) * spec.crop_size
     plan: dict[int, list[FaceJob]] = {}
     for tr in tracks:
         for f in sorted(tr.landmarks):
             m = _round_matrix(crop_transform(tr.landmarks[f], spec))
-            eye_px = eye_template / transform_scale(m)
+            eye_px = spec.eye_px / transform_scale(m)
             mode = "diffusion" if eye_px >= min_eye_px else "blur"
             plan.setdefault(f, []).append(FaceJob(tr.id, m, mode))
     return plan
-
-
-def engine_settings(model: FaceModel, settings: dict) -> EngineSettings:
-    """The engine a preset describes for this model (benchmarks build theirs here too)."""
-    d = settings["diffusion"]
-    return EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
-                          tol=float(d.get("tol", 0.0)), strength=engine_strength(model, settings),
-                          batch_size=int(d["batch_size"]))
-
-
-def engine_strength(model: FaceModel, settings: dict) -> float:
-    """The configured strength, else the one the model was exported with, else 1.0.
-
-    Stored resolved in the sidecar, so recovery uses the same schedule even if the model's
-    recommendation changes later.
-    """
-    return spec_strength(model.spec, settings)
-
-
-def spec_strength(spec: ModelSpec, settings: dict) -> float:
-    """``engine_strength`` from the model's spec alone (a Ray driver never loads the model)."""
-    value = settings["diffusion"].get("strength")
-    if value is None:
-        value = spec.extra.get("engine", {}).get("strength", 1.0)
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Span:
-    """Frames ``start <= index < stop`` of a video, rendered on their own into a segment file.
-
-    ``pts`` are the span's timestamps (``media.frame_pts``), so a worker can seek instead of
-    decoding from the start; the segment is written with pts shifted by ``-pts[0]`` (see
-    ``media.join_parts``).  Without timestamps a video is never split (``start`` is 0).
-    """
-
-    start: int
-    stop: int
-    pts: tuple[int, ...] | None = None
-
-    @property
-    def offset(self) -> int:
-        return self.pts[0] if self.pts else 0
-
-
-def _render(src: Path, output: Path, info, model: FaceModel, settings: dict,
-            keys: dict[int, Key], plan: dict[int, list[FaceJob]], what: str,
-            quiet: bool, observer=None, grow: dict[int, float] | None = None,
-            base: Path | None = None, span: Span | None = None,
-            masks: FaceMasks | None = None) -> None:
-    """Decode ``src``, apply the keyed transform to the planned faces, encode to ``output``.
-
-    ``what`` is "anonymize" or "recover"; both are the same keyed transform (an involution).
-    ``masks``: each face's region; ``grow``: tracks whose region is enlarged by that factor.
-    ``base``: an earlier output to paint the planned faces onto (cut from ``src``).
-    ``span``: only these frames, into a segment file without audio (a Ray work unit); the
-    whole output is then ``media.join_parts`` of the segments.
-    """
-    engine = Engine(model, engine_settings(model, settings))
-    transform = engine.anonymize if what == "anonymize" else engine.recover
-    if masks is None:  # no traced regions: the model's fixed oval
-        masks = FaceMasks(model.spec, "oval", float(settings["faces"]["feather"]))
-    renderer = FrameRenderer(model.spec, masks, transform, keys, engine.settings.batch_size,
-                             observer=observer, grow=grow)
-    with VideoWriter(output, info, _encode_settings(settings),
-                     audio_from=src if span is None else None) as writer:
-        if span is None:
-            frames = read_frames(base or src)
-            sources = read_frames(src) if base is not None else None
-        else:
-            frames = read_span(base or src, span.start, span.stop, span.pts)
-            sources = (read_span(src, span.start, span.stop, span.pts)
-                       if base is not None else None)
-        frames = tqdm(frames, total=info.frames if span is None else span.stop - span.start,
-                      desc=what, unit="f", disable=quiet, leave=False)
-        for frame in renderer.render(frames, lambda f: plan.get(f, []), sources):
-            if span is not None and frame.pts is not None:
-                frame = replace(frame, pts=frame.pts - span.offset)
-            writer.write(frame)
-
-
-@dataclass
-class RenderPass:
-    """One rendering pass over a whole video, as ``run`` asks a ``Renderer`` for it.
-
-    ``number`` 0 is the first pass; n > 0 the privacy guard's n-th escalation, which paints
-    the escalated tracks (the only ones in ``plan``) from ``src`` onto ``base``.
-    """
-
-    number: int
-    src: Path
-    dst: Path
-    info: VideoInfo
-    settings: dict
-    plan: dict[int, list[FaceJob]]
-    keys: dict[int, Key]
-    grow: dict[int, float] | None = None
-    base: Path | None = None
-    masks: FaceMasks | None = None  # traced before rendering; None: the fixed oval
-
-
-def render_span(model: FaceModel, rp: RenderPass, span: Span, observer=None) -> None:
-    """Render ``span`` of a pass into the segment file ``rp.dst`` (a Ray work unit).
-
-    The same loop as a whole pass, from a span boundary where the whole pass holds no frame
-    back (``render.batch_boundaries``), so the segment's pixels are the whole pass's.
-    """
-    _render(rp.src, rp.dst, rp.info, model, rp.settings, rp.keys, rp.plan, "anonymize", True,
-            observer=observer, grow=rp.grow, base=rp.base, span=span, masks=rp.masks)
-
-
-class Renderer(Protocol):
-    """Where the diffusion pass runs; everything else in ``run`` is the same for all."""
-
-    spec: ModelSpec
-
-    def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
-        """An unfinished earlier job for ``output`` to continue (its id and master key)."""
-
-    def started(self, job_id: str) -> dict:
-        """The job this run works on (new or continued); extra fields for its keyring entry."""
-
-    def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
-        """Write ``rp.dst`` whole (audio included); the guard sees every replaced face."""
-
-    def end(self, error: BaseException | None) -> bool:
-        """The job is over (``error`` None: published); True keeps its work for a re-run."""
-
-
-class LocalRenderer:
-    """The model in this process, each pass one decode-transform-encode loop over the video."""
-
-    def __init__(self, model_name: str | None, device: str) -> None:
-        self.model = load_model(model_name, device=pick_device(device))
-        self.spec = self.model.spec
-
-    def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
-        return None
-
-    def started(self, job_id: str) -> dict:
-        return {}
-
-    def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
-        _render(rp.src, rp.dst, rp.info, self.model, rp.settings, rp.keys, rp.plan,
-                "anonymize", quiet, observer=guard.observe if guard is not None else None,
-                grow=rp.grow, base=rp.base, masks=rp.masks)
-
-    def end(self, error: BaseException | None) -> bool:
-        return False
-
 
 def new_job() -> tuple[str, Key]:
     """A fresh job id and master key.  Tests replace this function (monkeypatch) to compare
     two runs pixel for pixel; there is deliberately no option to fix a key."""
     return new_job_id(), Key.generate()
-
-
-def _encode_settings(settings: dict) -> EncodeSettings:
-    e = settings["encode"]
-    return EncodeSettings(codec=e["codec"], crf=int(e["crf"]), preset=e["preset"],
-                          lossless=bool(e["lossless"]), pix_fmt=e.get("pix_fmt", "yuv420p"))
-
-
-def check_output(inp: Path, output: Path, overwrite: bool) -> None:
-    """Everything about the output path that can be known before any work is done."""
-    if output.is_dir():
-        raise VidanonError(f"output {output} is a folder; give a file name, "
-                           f"e.g. {output / default_output(inp).name}")
-    if not output.parent.is_dir():
-        raise VidanonError(f"output folder {output.parent} does not exist")
-    if output.exists() and output.resolve() == inp.resolve():
-        raise VidanonError("output would overwrite the input")
-    if output.exists() and not overwrite:
-        raise VidanonError(f"{output} already exists; pass --force to replace it "
-                           "(or -o another path)")
-    if sidecar.sidecar_path(output).resolve() == inp.resolve():
-        raise VidanonError("the output's sidecar would overwrite the input")
-
-
-def _refuse_silent_zero(inp: Path, info, settings: dict, stats: dict) -> None:
-    """A run that finds no face must not look like success if faces are there to be found.
-
-    Either the detector saw faces that tracking dropped, or non-default detection settings
-    found nothing where the default detector (on a sample of frames) finds faces.
-    """
-    if stats.get("detections", 0):
-        raise VidanonError(f"{stats['detections']} face detections but no face track: check "
-                           "the track.* settings; nothing was written")
-    from vidanon.config import load_settings
-
-    default = load_settings()["detect"]
-    det = settings["detect"]
-    if all(float(det[k]) == float(default[k]) for k in ("score_threshold", "scale")):
-        return
-    detector = make_detector(score_threshold=default["score_threshold"], scale=default["scale"])
-    step = max(1, int(info.frames or 1) // 24)
-    hits = sum(1 for frame in read_frames(inp) if frame.index % step == 0
-               and len(detector(frame.image)))
-    if hits:
-        shown = ", ".join(f"detect.{k}={det[k]}" for k in ("score_threshold", "scale"))
-        raise VidanonError(f"no face found with {shown}, but the default detector finds faces "
-                           f"in {hits} sampled frames; nothing was written")
-
-
-def _published(job_id: str, entry: dict) -> bool:
-    """Did a dead run's output make it out (killed after publishing, before marking done)?"""
-    path = entry.get("output_path")
-    if not path:
-        return False
-    try:
-        return sidecar.read(sidecar.sidecar_path(Path(path)))["job_id"] == job_id
-    except VidanonError:
-        return False
-
 
 def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         model_name: str | None = None, device: str = "auto", quiet: bool = False,
@@ -352,12 +127,10 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     marked "complete".  On any failure the temporary files and the pending job are removed,
     unless the renderer keeps finished work for a re-run (Ray): then the job stays pending.
     """
-    from vidanon import publish
-
     inp = Path(inp)
     output = Path(output) if output else default_output(inp)
     publish.repair(output)  # an earlier run killed while publishing to this path
-    check_output(inp, output, overwrite)
+    publish.check_output(inp, output, overwrite)
     publish.clean_stale(output)
     info = probe(inp)
     if renderer is None:
@@ -378,7 +151,7 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         ring.add_job(job_id, master, {"input": inp.name, "output": output.name,
                                       "created": _now(), "output_path": str(output.resolve()),
                                       **here, **note}, status="pending")
-    ring.prune_dead_pending(_published)
+    ring.prune_dead_pending(publish.published)
     ring.save()
     temps: list[Path] = []
     clock = {"start": time.perf_counter()}
@@ -387,7 +160,7 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         tracks = detect_and_track(inp, info, settings, quiet, stats)
         clock["tracked"] = time.perf_counter()
         if not tracks:
-            _refuse_silent_zero(inp, info, settings, stats)
+            refuse_silent_zero(inp, info, settings, stats)
         plan = plan_faces(tracks, spec, float(settings["faces"]["min_eye_px"]))
 
         # One key per identity: a track's own id, or its group's when identities are linked.
@@ -398,11 +171,11 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
             key_track = link_tracks(inp, tracks)
         tmp_video = publish.temp_path(output, output.suffix or ".mp4")
         temps.append(tmp_video)
-        # Render and check every replaced face; tracks that still match their original are
+        # Render and check every written face; tracks that still match their original are
         # escalated and re-rendered, alone, from the input onto the output made so far.
         g = settings["guard"]
         esc = Escalations(dict(key_track), float(g["mask_grow"]))
-        guard = PrivacyGuard(spec, float(g["threshold"])) if g["verify"] else None
+        guard = PrivacyGuard(spec, g["threshold"]) if g["verify"] else None
         # Face regions are traced once, before rendering, on the original crops: every pass
         # (the guard's re-renders, a Ray worker's segment) then uses the very same regions.
         masks = FaceMasks(spec, settings["faces"]["mask"], float(settings["faces"]["feather"]))
@@ -414,27 +187,15 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
             return {t: track_key(master, job_id, esc.key_track[t], esc.epoch(t))
                     for t in key_track}
 
-        renderer.render(RenderPass(0, inp, tmp_video, info, settings, plan, keys_now(),
-                                   masks=masks), guard, quiet)
-        clock["rendered"] = time.perf_counter()
-        failing = guard.failing() if guard is not None else []
-        rounds = 0
-        while failing:
-            rounds += 1
-            log.info("privacy guard: %d track(s) still match the original; escalating",
-                     len(failing))
-            esc.escalate(failing)
-            guard.reset([t for t in failing if not esc.blurred(t)])
-            redo = {f: [j for j in jobs if j.track_id in failing]
-                    for f, jobs in escalated_plan(plan, esc).items()}
-            nxt = publish.temp_path(output, output.suffix or ".mp4")
-            temps.append(nxt)
-            renderer.render(RenderPass(rounds, inp, nxt, info, settings, redo, keys_now(),
-                                       grow={t: esc.grow(t) for t in failing},
-                                       base=tmp_video, masks=masks), guard, quiet)
-            os.replace(nxt, tmp_video)
-            temps.remove(nxt)
-            failing = [t for t in guard.failing() if not esc.blurred(t)]
+        def new_temp() -> Path:
+            temps.append(publish.temp_path(output, output.suffix or ".mp4"))
+            return temps[-1]
+
+        clock["masked"] = time.perf_counter()
+        passes = render_verified(renderer, RenderPass(0, inp, tmp_video, info, settings, plan,
+                                                      keys_now(), masks=masks),
+                                 guard, esc, keys_now, new_temp, quiet)
+        clock["rendered"] = clock["masked"] + passes["first_s"]
         clock["escalated"] = time.perf_counter()
         keys = keys_now()
         plan = escalated_plan(plan, esc)
@@ -442,8 +203,9 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         doc = _build_sidecar(job_id, inp, output, info, spec, settings, tracks, plan, keys,
                              key_track, rendered=tmp_video, guard=guard, esc=esc, masks=masks)
         sidecar.sign(doc, master, keys)
-        temps.append(publish.write_temp_sidecar(output, doc))
-        publish.publish(temps[0], temps[1], output, overwrite)
+        tmp_side = publish.write_temp_sidecar(output, doc)
+        temps.append(tmp_side)
+        publish.publish(tmp_video, tmp_side, output, overwrite)
     except BaseException as exc:
         for t in temps:
             t.unlink(missing_ok=True)
@@ -469,10 +231,10 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     blurred = sum(j.mode == "blur" for v in plan.values() for j in v)
     privacy = privacy_summary(guard, esc, plan, settings["faces"]["mask"])
     return RunResult(output, side, job_id, len(tracks), faces, blurred, ring.path,
-                     privacy=privacy, timings=_timings(clock, guard, masks))
+                     privacy=privacy, timings=_timings(clock, guard, masks, passes))
 
 
-def _timings(clock: dict, guard: PrivacyGuard | None, masks: FaceMasks) -> dict:
+def _timings(clock: dict, guard: PrivacyGuard | None, masks: FaceMasks, passes: dict) -> dict:
     """Where a run's time went; the guard's share is its embeddings plus its re-renders."""
     total = time.perf_counter() - clock["start"]
     guard_s = (guard.seconds if guard else 0.0) + clock["escalated"] - clock["rendered"]
@@ -482,7 +244,9 @@ def _timings(clock: dict, guard: PrivacyGuard | None, masks: FaceMasks) -> dict:
             "mask_trace_s": round(masks.seconds, 2),
             "guard_embed_s": round(guard.seconds, 2) if guard else 0.0,
             "guard_rerender_s": round(clock["escalated"] - clock["rendered"], 2),
-            "guard_share": round(guard_s / max(total, 1e-9), 4)}
+            "guard_share": round(guard_s / max(total, 1e-9), 4),
+            "guard_passes": passes["passes"] - 1, "guard_probes": passes["probes"],
+            "guard_probe_crops": passes["probe_crops"]}
 
 
 def _now() -> str:
@@ -511,8 +275,12 @@ def _build_sidecar(job_id, inp, output, info, spec: ModelSpec, settings, tracks,
         "model": spec.as_dict(),
         "settings": settings,
         "linked_identities": {str(t): k for t, k in key_track.items() if t != k},
-        "privacy_guard": ({"recogniser": "MobileFaceNet", "threshold": guard.threshold,
-                           "threshold_source": THRESHOLD_SOURCE} if guard is not None
+        "privacy_guard": ({"recogniser": "MobileFaceNet",
+                           "threshold": (guard.threshold if guard.threshold is not None
+                                         else {str(k): v for k, v in SIZE_THRESHOLDS.items()}),
+                           "threshold_source": (THRESHOLD_SOURCE if guard.threshold is None
+                                                else "set by the user (guard.threshold)")}
+                          if guard is not None
                           else {"verified": False}),
         "tracks": [
             {
@@ -541,7 +309,7 @@ def _track_privacy(tid: int, guard: PrivacyGuard | None, esc: Escalations | None
         if esc.blurred(tid):
             out["note"] = "blurred by the privacy guard: this track cannot be recovered"
     if guard is not None and tid in guard.tracks:
-        out["privacy"] = guard.tracks[tid].as_dict(guard.threshold)
+        out["privacy"] = guard.tracks[tid].as_dict()
     return out
 
 
@@ -571,7 +339,7 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
     """
     video = Path(video)
     output = Path(output) if output else video.with_name(video.stem + ".recovered.mp4")
-    check_output(video, output, overwrite)
+    publish.check_output(video, output, overwrite)
     doc = sidecar.read(sidecar_file or sidecar.sidecar_path(video))
     info = probe(video)
     if sidecar.file_sha256(video) != doc["output"]["sha256"]:
@@ -618,6 +386,6 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
 
     grow = {tid: float(sidecar.track_entry(doc, tid).get("mask_grow", 1.0)) for tid in keys}
     masks = recovery_masks(doc, model.spec, keys)
-    _render(video, output, info, model, settings, keys, plan, "recover", quiet, grow=grow,
-            masks=masks)
+    render_video(video, output, info, model, settings, keys, plan, "recover", quiet, grow=grow,
+                 masks=masks)
     return output

@@ -197,3 +197,32 @@ def publish(tmp_video: Path, tmp_side: Path, out: Path, overwrite: bool) -> None
         for prev in (vprev, sprev):
             prev.unlink(missing_ok=True)
         _fsync_dir(out.parent)
+
+
+def check_output(inp: Path, output: Path, overwrite: bool) -> None:
+    """Everything about the output path that can be known before any work is done."""
+    if output.is_dir():
+        raise VidanonError(f"output {output} is a folder; give a file name, "
+                           f"e.g. {output / inp.stem + '.anon.mp4'}")
+    if not output.parent.is_dir():
+        raise VidanonError(f"output folder {output.parent} does not exist")
+    if output.exists() and output.resolve() == inp.resolve():
+        raise VidanonError("output would overwrite the input")
+    if output.exists() and not overwrite:
+        raise VidanonError(f"{output} already exists; pass --force to replace it "
+                           "(or -o another path)")
+    if sidecar.sidecar_path(output).resolve() == inp.resolve():
+        raise VidanonError("the output's sidecar would overwrite the input")
+
+
+def published(job_id: str, entry: dict) -> bool:
+    """Did a dead run's output make it out (killed after publishing, before marking done)?"""
+    path = entry.get("output_path")
+    if not path:
+        return False
+    try:
+        return sidecar.read(sidecar.sidecar_path(Path(path)))["job_id"] == job_id
+    except VidanonError:
+        return False
+
+

@@ -19,6 +19,7 @@ from vidanon.align import (
     from_tensor_batch,
     paste,
     to_tensor_batch,
+    transform_scale,
     warp_crop,
 )
 from vidanon.diffusion.models import ModelSpec
@@ -42,9 +43,11 @@ MAX_WINDOW = 64
 Transform = Callable[[torch.Tensor, torch.Tensor, Sequence[Key]], torch.Tensor]
 
 
-# Sees every replaced face: (track id, frame index) per face, the original aligned crops and
-# the same crops cut from the finished frames (after paste-back), e.g. the privacy guard.
-Observer = Callable[[list[tuple[int, int]], list[np.ndarray], list[np.ndarray]], None]
+# Sees every written face: (track id, frame index, eye distance in the frame, blurred) per face,
+# the original aligned crops and the same crops cut from the finished frames (after paste-back),
+# e.g. the privacy guard.
+Observer = Callable[[list[tuple[int, int, float, bool]], list[np.ndarray], list[np.ndarray]],
+                    None]
 
 
 class FrameRenderer:
@@ -83,13 +86,25 @@ class FrameRenderer:
                 paste(window[wi][0].image, crop, job.matrix, alpha)
             if self.observer is not None:
                 out = [warp_crop(window[wi][0].image, job.matrix, size) for wi, job in where]
-                self.observer([(j.track_id, window[wi][0].index) for wi, j in where], crops, out)
-        for frame, jobs, _ in window:
+                eye = self.spec.eye_px
+                self.observer([(j.track_id, window[wi][0].index,
+                                eye / transform_scale(j.matrix), False) for wi, j in where],
+                              crops, out)
+        blurred, before, after = [], [], []
+        for frame, jobs, source in window:
             for job in jobs:
                 if job.mode == "blur":
+                    if self.observer is not None:  # a blur is a written face too: checked
+                        blurred.append((job.track_id, frame.index,
+                                        self.spec.eye_px / transform_scale(job.matrix), True))
+                        before.append(warp_crop(source, job.matrix, size))
                     alpha = self.masks.oval(self.grow.get(job.track_id, 1.0))[1]
                     blur_face(frame.image, job.matrix, self.spec, alpha)
-            yield frame
+                    if self.observer is not None:
+                        after.append(warp_crop(frame.image, job.matrix, size))
+        if blurred:
+            self.observer(blurred, before, after)
+        yield from (frame for frame, _, _ in window)
 
     def render(self, frames: Iterable[Frame], plan: Callable[[int], list[FaceJob]],
                sources: Iterable[Frame] | None = None) -> Iterator[Frame]:

@@ -29,13 +29,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vidanon import sidecar
-from vidanon.diffusion.models import ModelSpec
+from vidanon.diffusion.models import FaceModel, ModelSpec, load_model
 from vidanon.errors import VidanonError
 from vidanon.guard import PrivacyGuard
 from vidanon.keys import Key, KeyOpener, Keyring, KeySealer, StaleSession
 from vidanon.masks import FaceMasks
 from vidanon.media import frame_pts, join_parts
-from vidanon.pipeline import RenderPass, Span, check_device_name
+from vidanon.passes import RenderPass, Span, check_device_name, probe
 from vidanon.render import batch_boundaries
 from vidanon.units import Unit, UnitResult, WorkDir, choose_spans, unit_digest
 
@@ -95,7 +95,7 @@ class SegmentWorker:
         return Hello(self._opener.public, os.getpid(), socket.gethostname(), self.model.spec)
 
     def render(self, unit: Unit, sealed: bytes) -> UnitResult:
-        from vidanon.pipeline import render_span
+        from vidanon.passes import render_span
 
         t0 = time.perf_counter()
         keys = self._opener.open(sealed, unit.aad)
@@ -160,6 +160,7 @@ class WorkerPool:
             self.shutdown()
             raise VidanonError(f"Ray workers did not start: {_cause(exc)}") from None
         self.spec = hellos[0].spec
+        self.model_name = model_name
         if any(h.spec.weights_sha256 != self.spec.weights_sha256 for h in hellos):
             self.shutdown()
             raise VidanonError("Ray workers loaded different model weights (is the same "
@@ -374,6 +375,7 @@ class RayRenderer:
         self._input_sha = ""
         self._pts: list[int] | None = None
         self._pts_read = False
+        self._probe_model: FaceModel | None = None
 
     def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
         """Continue the unfinished job in ``<output>.vidanon-work`` if the keyring still
@@ -401,6 +403,13 @@ class RayRenderer:
         self._job = job_id
         self.work.start(job_id, self._input_sha, keep=self._resumed)
         return {"resume": str(self.work.path.resolve())}
+
+    def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard) -> None:
+        """On the driver, with its own copy of the model: a few crops are not worth a round
+        trip through the cluster, and the keys they need stay here."""
+        if self._probe_model is None:
+            self._probe_model = load_model(self.pool.model_name, device="cpu")
+        probe(self._probe_model, rp, frames, guard.observe)
 
     def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
         assert self.work is not None
@@ -459,7 +468,7 @@ class RayRenderer:
                          if (m := rp.masks.seal(t, keys[t], self._job, (a, b))) is not None}
             units.append(Unit(self._job, rp.number, index, rp.src, rp.base,
                               self.work.part(rp.number, index), rp.info, rp.settings, span,
-                              plan, grow, tracks, bool(g["verify"]), float(g["threshold"]),
+                              plan, grow, tracks, bool(g["verify"]), g["threshold"],
                               digest, masks))
         return units
 

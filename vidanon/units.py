@@ -34,7 +34,7 @@ from vidanon import sidecar
 from vidanon.guard import TrackCheck
 from vidanon.keys import Key
 from vidanon.media import VideoInfo
-from vidanon.pipeline import Span
+from vidanon.passes import Span
 from vidanon.render import FaceJob
 
 WORK_SUFFIX = ".vidanon-work"
@@ -76,7 +76,7 @@ class Unit:
     grow: dict[int, float]
     tracks: tuple[int, ...]
     verify: bool
-    threshold: float
+    threshold: float | None  # None: by face size (vidanon.guard.threshold_at)
     digest: str
     # The unit's face regions, sealed under each track's key (vidanon.masks): opened on the
     # worker with the keys sealed to it; ciphertext only in Ray's object store.
@@ -110,14 +110,16 @@ class UnitResult:
     def as_dict(self) -> dict:
         return {"index": self.index, "part": self.part.name, "size": self.size,
                 "frames": self.frames, "crops": self.crops, "seconds": round(self.seconds, 3),
-                "checks": {str(t): [c.frames, c.max_similarity, c.worst_frame]
+                "checks": {str(t): [c.frames, c.max_similarity, c.worst_frame, c.threshold,
+                                    [list(w) for w in c.worst]]
                            for t, c in self.checks.items()}}
 
     @classmethod
     def from_dict(cls, d: dict, folder: Path) -> UnitResult:
         return cls(int(d["index"]), folder / d["part"], int(d["size"]), int(d["frames"]),
                    int(d["crops"]),
-                   {int(t): TrackCheck(int(v[0]), float(v[1]), int(v[2]))
+                   {int(t): TrackCheck(int(v[0]), float(v[1]), int(v[2]), float(v[3]),
+                                       [(float(m), int(f)) for m, f in v[4]])
                     for t, v in d["checks"].items()}, float(d.get("seconds", 0.0)))
 
 

@@ -64,6 +64,12 @@ class ModelSpec:
             "weights_sha256": self.weights_sha256,
         }
 
+    @property
+    def eye_px(self) -> float:
+        """Eye distance in a crop: divided by a face's crop scale, its size in the frame."""
+        return float(np.linalg.norm(np.subtract(self.template[1], self.template[0]))
+                     * self.crop_size)
+
 
 class FaceModel(torch.nn.Module):
     """A UNet, an optional autoencoder and a DDIM noise schedule, used in eval mode only."""

@@ -1,0 +1,98 @@
+"""Same-person thresholds at FAR 0.1 % for faces of a given size in the frame.
+
+A face 10 px between the eyes, cut from a frame and upscaled to a 128-px crop, is a blur:
+two *different* people's crops at that size look alike to a recogniser, so the cosine that
+only 0.1 % of impostor pairs reach is higher than on sharp faces. The privacy guard and the
+leak benchmark judge a face at the threshold of its own size: the sharp threshold would call
+small faces "still the same person" when impostor pairs of that size score just as high.
+
+Each of 1,000 adult UTKFace faces (the set of ``_identity.thresholds``) is shrunk so that its
+eyes are ``e`` px apart (INTER_AREA: a camera integrates light over a pixel) and cut back to a
+128-px crop with the pipeline's own bicubic warp; the threshold is the 99.9th percentile of
+cosines over the ~500k pairs of different faces. dlib's landmarks come from the sharp face, so
+the recogniser is asked about identity, not about finding a face.
+
+    python -m benchmarks.thresholds      # ~2 CPU-minutes with --no-dlib, ~40 with dlib; writes results/thresholds.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import cv2
+import numpy as np
+import torch
+
+from benchmarks._common import md_table, set_threads, write_results
+from benchmarks._identity import FACES128, UTK_TEMPLATE, DlibId, MobileFaceNetId
+from vidanon.diffusion.models import ModelSpec
+from vidanon.prior.data import load_dataset
+
+EYE_PX = (6, 8, 10, 12, 16, 20, 24, 32, 40)
+
+
+def degrade(faces: np.ndarray, eye_px: float, template_eye_px: float) -> np.ndarray:
+    """128-px crops as they come out of a frame where the eyes are ``eye_px`` apart."""
+    s = min(1.0, eye_px / template_eye_px)
+    n = faces.shape[1]
+    small = max(4, round(n * s))
+    out = np.empty_like(faces)
+    for i, f in enumerate(faces):
+        lo = cv2.resize(f, (small, small), interpolation=cv2.INTER_AREA)
+        out[i] = cv2.resize(lo, (n, n), interpolation=cv2.INTER_CUBIC)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--dup", type=float, default=0.9,
+                    help="drop pairs MobileFaceNet scores >= this on sharp faces (same photo)")
+    ap.add_argument("--no-dlib", action="store_true",
+                    help="MobileFaceNet only (the guard's recogniser; dlib takes ~4 min a size)")
+    a = ap.parse_args()
+    set_threads(1)
+    faces, names = load_dataset(FACES128, 128)
+    adult = [i for i, nm in enumerate(names) if int(nm.split("_")[0]) >= 18]
+    pick = np.sort(np.random.default_rng(0).permutation(adult)[: a.n])
+    faces = faces[pick]
+    spec = ModelSpec("utk128", "pixel", 128, (3, 128, 128), UTK_TEMPLATE, [0.5, 0.5, 0.4, 0.45])
+    template_eye = float(np.linalg.norm(np.subtract(UTK_TEMPLATE[1], UTK_TEMPLATE[0])) * 128)
+
+    def tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    recs = [MobileFaceNetId(spec)] + ([] if a.no_dlib else [DlibId(spec)])
+    sharp = tensor(faces)
+    ctx = {r.name: r.prepare(sharp) for r in recs}
+    iu = np.triu_indices(len(pick), 1)
+    keep = None
+    rows: dict[str, dict[str, float]] = {r.name: {} for r in recs}
+    for e in (*EYE_PX, template_eye):
+        x = tensor(degrade(faces, e, template_eye))
+        for r in recs:
+            c = ctx[r.name]
+            emb = np.concatenate([r.embed(x[i:i + 64], None if c is None else c[i:i + 64])
+                                  for i in range(0, len(x), 64)])
+            sims = (emb @ emb.T)[iu]
+            if keep is None:  # first recogniser on the first size: MobileFaceNet
+                sharp_mfn = recs[0].embed(sharp)
+                keep = (sharp_mfn @ sharp_mfn.T)[iu] < a.dup
+            key = "sharp" if e == template_eye else str(e)
+            rows[r.name][key] = round(float(np.quantile(sims[keep], 0.999)), 4)
+        print(f"eye {e:5.1f} px: " + ", ".join(f"{r.name} {rows[r.name][key]}" for r in recs),
+              flush=True)
+    res = {"faces": len(pick), "impostor_pairs": int(keep.sum()),
+           "template_eye_px": round(template_eye, 1), "far": 0.001, "thresholds": rows,
+           "source": f"{len(pick)} adult UTKFace faces, shrunk to the eye distance and cut "
+                     "back to 128 px (INTER_AREA down, bicubic up)"}
+    keys = [*map(str, EYE_PX), "sharp"]
+    md = ("Cosine at FAR 0.1 % by eye distance in the frame; " + res["source"] + f", "
+          f"{res['impostor_pairs']:,} impostor pairs.\n\n"
+          + md_table(["eye px", *(r.name for r in recs)],
+                     [[k, *(rows[r.name][k] for r in recs)] for k in keys]))
+    write_results("thresholds", res, md)
+    print(md)
+
+if __name__ == "__main__":
+    main()
