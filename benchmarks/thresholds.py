@@ -12,7 +12,7 @@ eyes are ``e`` px apart (INTER_AREA: a camera integrates light over a pixel) and
 cosines over the ~500k pairs of different faces. dlib's landmarks come from the sharp face, so
 the recogniser is asked about identity, not about finding a face.
 
-    python -m benchmarks.thresholds      # ~2 CPU-minutes with --no-dlib, ~40 with dlib; writes results/thresholds.{json,md}
+    python -m benchmarks.thresholds [--no-dlib]   # ~4 CPU-min MobileFaceNet, +4 per size dlib
 """
 
 from __future__ import annotations
