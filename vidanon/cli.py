@@ -275,8 +275,8 @@ def privacy_line(p: dict) -> str:
     if not p.get("verified"):
         return "privacy: not verified (--no-verify)"
     return (f"privacy: {p['faces_checked']} faces checked, {p['faces_escalated']} escalated, "
-            f"{p['faces_blurred']} blurred by the guard (max similarity to the original "
-            f"{p['max_similarity']:.2f}, threshold {p['threshold']:.2f})")
+            f"{p['faces_blurred']} blurred by the guard (closest to its original: similarity "
+            f"{p['max_similarity']:.3f}, its threshold {p['threshold']:.3f})")
 
 
 @app.command(cls=_Command)
