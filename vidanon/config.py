@@ -88,6 +88,7 @@ class EncodeSettings(_Section):
 class GuardSettings(_Section):
     verify: bool = True
     threshold: float | None = Field(default=None, gt=0, lt=1)
+    blur_floor: bool = True
     mask_grow: float = Field(default=1.2, ge=1, le=2)
 
 

@@ -89,6 +89,7 @@ class PrivacyGuard:
 
     spec: ModelSpec
     threshold: float | None = None
+    blur_floor: bool = True  # False: judge by the threshold alone, even where a blur fails too
     tracks: dict[int, TrackCheck] = field(default_factory=dict)
     seconds: float = 0.0  # spent embedding: the guard's own share of a run
 
@@ -118,7 +119,10 @@ class PrivacyGuard:
         sims = np.sum(self.embed(originals) * self.embed(anonymized), axis=1)
         thr = np.array([self.threshold_for(e) for _, _, e, _ in faces])
         ref = np.array([s if blurred else -1.0 for (_, _, _, blurred), s in zip(faces, sims)])
-        check = [i for i, (s, t, r) in enumerate(zip(sims, thr, ref)) if s >= t and r < 0]
+        if not self.blur_floor:
+            ref[:] = -1.0
+        check = [i for i, (s, t, r) in enumerate(zip(sims, thr, ref))
+                 if s >= t and r < 0 and self.blur_floor]
         if check:
             ref[check] = self.blur_reference([originals[i] for i in check])
         # "More similar than a blur": a tie with the reference is not a match.

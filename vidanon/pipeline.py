@@ -175,7 +175,8 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
         # escalated and re-rendered, alone, from the input onto the output made so far.
         g = settings["guard"]
         esc = Escalations(dict(key_track), float(g["mask_grow"]))
-        guard = PrivacyGuard(spec, g["threshold"]) if g["verify"] else None
+        guard = (PrivacyGuard(spec, g["threshold"], bool(g["blur_floor"])) if g["verify"]
+                 else None)
         # Face regions are traced once, before rendering, on the original crops: every pass
         # (the guard's re-renders, a Ray worker's segment) then uses the very same regions.
         masks = FaceMasks(spec, settings["faces"]["mask"], float(settings["faces"]["feather"]))

@@ -101,10 +101,11 @@ class SegmentWorker:
         keys = self._opener.open(sealed, unit.aad)
         guard = None
         if unit.verify:
-            guard = self._guards.get(unit.threshold)
+            floor = bool(unit.settings["guard"].get("blur_floor", True))
+            guard = self._guards.get((unit.threshold, floor))
             if guard is None:
-                guard = self._guards[unit.threshold] = PrivacyGuard(self.model.spec,
-                                                                    unit.threshold)
+                guard = self._guards[(unit.threshold, floor)] = PrivacyGuard(
+                    self.model.spec, unit.threshold, blur_floor=floor)
             guard.tracks = {}
         faces = unit.settings["faces"]
         masks = FaceMasks(self.model.spec, faces["mask"] if unit.masks else "oval",

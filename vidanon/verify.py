@@ -73,7 +73,7 @@ def _probe_steps(renderer: Renderer, first: RenderPass, guard: PrivacyGuard,
             picked = [j for j in jobs if j.track_id in trying and f in frames[j.track_id]]
             if picked:
                 plan[f] = picked
-        probe = PrivacyGuard(guard.spec, guard.threshold)
+        probe = PrivacyGuard(guard.spec, guard.threshold, guard.blur_floor)
         renderer.probe(replace(first, plan=plan, keys=keys_now(),
                                grow={t: esc.grow(t) for t in trying}), sorted(plan), probe)
         stats["probes"] += 1
