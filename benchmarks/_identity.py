@@ -28,6 +28,7 @@ UTK_TEMPLATE = [[0.2694, 0.2462], [0.6912, 0.2531], [0.4663, 0.472],
                 [0.2901, 0.6552], [0.6425, 0.6655]]
 
 DLIB_SIZE = 256  # crops are upscaled to this before dlib; its chips are 150 px
+UTK_SPEC = ModelSpec("utk128", "pixel", 128, (3, 128, 128), UTK_TEMPLATE, [0.5, 0.5, 0.4, 0.45])
 
 
 def to_uint8_rgb(crops: torch.Tensor) -> np.ndarray:
@@ -103,6 +104,19 @@ def threshold_at_far(emb: np.ndarray, far: float = 1e-3) -> tuple[float, int]:
     return float(np.quantile(impostor, 1 - far)), int(len(impostor))
 
 
+def adult_faces(n: int = 1000) -> np.ndarray:
+    """``n`` adult UTKFace faces (age >= 18 by the label; uint8 128-px crops), the same each
+    run: the impostor set of every threshold here."""
+    faces, names = load_dataset(FACES128, 128)
+    adult = [i for i, nm in enumerate(names) if int(nm.split("_")[0]) >= 18]
+    return faces[np.sort(np.random.default_rng(0).permutation(adult)[:n])]
+
+
+def as_tensor(faces: np.ndarray) -> torch.Tensor:
+    """uint8 (N,S,S,3) RGB crops -> (N,3,S,S) in [-1, 1], as the identity models take them."""
+    return torch.from_numpy(faces.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def thresholds(n: int = 1000, dup: float = 0.9) -> dict[str, dict]:
     """Cosine thresholds at FAR 0.1 % from impostor pairs of sharp 128-px UTKFace faces.
 
@@ -111,25 +125,21 @@ def thresholds(n: int = 1000, dup: float = 0.9) -> dict[str, dict]:
     which put the held-out set's FAR 0.1 % point at 0.68 instead of about 0.44. Pairs that
     MobileFaceNet scores >= ``dup`` (the same photo twice) are dropped for both recognisers.
     """
-    faces, names = load_dataset(FACES128, 128)
-    adult = [i for i, nm in enumerate(names) if int(nm.split("_")[0]) >= 18]
-    pick = np.sort(np.random.default_rng(0).permutation(adult)[:n])
-    x = torch.from_numpy(faces[pick].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
-    spec = ModelSpec("utk128", "pixel", 128, (3, 128, 128), UTK_TEMPLATE, [0.5, 0.5, 0.4, 0.45])
+    x = as_tensor(adult_faces(n))
     embs = {}
-    for rec in (MobileFaceNetId(spec), DlibId(spec)):
+    for rec in (MobileFaceNetId(UTK_SPEC), DlibId(UTK_SPEC)):
         ctx = rec.prepare(x)
         embs[rec.name] = np.concatenate(
             [rec.embed(x[i:i + 64], None if ctx is None else ctx[i:i + 64])
              for i in range(0, len(x), 64)])
-    iu = np.triu_indices(len(pick), 1)
+    iu = np.triu_indices(len(x), 1)
     keep = (embs["MobileFaceNet"] @ embs["MobileFaceNet"].T)[iu] < dup
     out = {}
     for name, e in embs.items():
         sims = (e @ e.T)[iu][keep]
         out[name] = {"threshold": round(float(np.quantile(sims, 0.999)), 4),
                      "impostor_pairs": int(keep.sum()),
-                     "source": f"{len(pick)} adult UTKFace faces at 128 px"}
+                     "source": f"{len(x)} adult UTKFace faces at 128 px"}
     return out
 
 

@@ -30,7 +30,7 @@ import torch
 
 from benchmarks._common import VIDEOS, machine, write_results
 from benchmarks._identity import cached_thresholds, identity_models
-from vidanon.align import crop_transform, oval_mask, to_tensor_batch, transform_scale, warp_crop
+from vidanon.align import crop_transform, frame_eye_px, oval_mask, to_tensor_batch, warp_crop
 from vidanon.config import load_settings
 from vidanon.diffusion.engine import Engine, _blur, background_fill, psnr
 from vidanon.diffusion.models import ModelSpec, load_model
@@ -102,7 +102,6 @@ def heldout_faces(spec: ModelSpec) -> torch.Tensor:
 def video_faces(spec: ModelSpec, settings: dict, per_track: int, max_tracks: int = 3,
                 min_eye_px: float = 16.0) -> tuple[torch.Tensor, list[str]]:
     """Aligned crops of the longest tracks in the shared clips, and a group label per crop."""
-    eye_template = np.linalg.norm(np.subtract(spec.template[1], spec.template[0]))
     crops, groups = [], []
     for name in CLIPS:
         clip = VIDEOS / name
@@ -111,8 +110,9 @@ def video_faces(spec: ModelSpec, settings: dict, per_track: int, max_tracks: int
         tracks = detect_and_track(clip, probe(clip), settings, quiet=True)
         want: dict[int, list] = {}
         for tr in sorted(tracks, key=lambda t: -len(t.detected))[:max_tracks]:
-            big = sorted(f for f in tr.detected if eye_template * spec.crop_size
-                         / transform_scale(crop_transform(tr.landmarks[f], spec)) >= min_eye_px)
+            big = sorted(f for f in tr.detected
+                         if frame_eye_px(spec, crop_transform(tr.landmarks[f], spec))
+                         >= min_eye_px)
             if len(big) < 2 * per_track:
                 continue
             for f in big[:: len(big) // per_track][:per_track]:

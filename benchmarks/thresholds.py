@@ -21,12 +21,9 @@ import argparse
 
 import cv2
 import numpy as np
-import torch
 
 from benchmarks._common import md_table, set_threads, write_results
-from benchmarks._identity import FACES128, UTK_TEMPLATE, DlibId, MobileFaceNetId
-from vidanon.diffusion.models import ModelSpec
-from vidanon.prior.data import load_dataset
+from benchmarks._identity import UTK_SPEC, DlibId, MobileFaceNetId, adult_faces, as_tensor
 
 EYE_PX = (6, 8, 10, 12, 16, 20, 24, 32, 40)
 
@@ -52,39 +49,28 @@ def main() -> None:
                     help="MobileFaceNet only (the guard's recogniser; dlib takes ~4 min a size)")
     a = ap.parse_args()
     set_threads(1)
-    faces, names = load_dataset(FACES128, 128)
-    adult = [i for i, nm in enumerate(names) if int(nm.split("_")[0]) >= 18]
-    pick = np.sort(np.random.default_rng(0).permutation(adult)[: a.n])
-    faces = faces[pick]
-    spec = ModelSpec("utk128", "pixel", 128, (3, 128, 128), UTK_TEMPLATE, [0.5, 0.5, 0.4, 0.45])
-    template_eye = float(np.linalg.norm(np.subtract(UTK_TEMPLATE[1], UTK_TEMPLATE[0])) * 128)
-
-    def tensor(x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(x.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    recs = [MobileFaceNetId(spec)] + ([] if a.no_dlib else [DlibId(spec)])
-    sharp = tensor(faces)
+    faces = adult_faces(a.n)
+    template_eye = UTK_SPEC.eye_px
+    recs = [MobileFaceNetId(UTK_SPEC)] + ([] if a.no_dlib else [DlibId(UTK_SPEC)])
+    sharp = as_tensor(faces)
     ctx = {r.name: r.prepare(sharp) for r in recs}
-    iu = np.triu_indices(len(pick), 1)
-    keep = None
+    iu = np.triu_indices(len(faces), 1)
+    sharp_mfn = recs[0].embed(sharp)
+    keep = (sharp_mfn @ sharp_mfn.T)[iu] < a.dup
     rows: dict[str, dict[str, float]] = {r.name: {} for r in recs}
     for e in (*EYE_PX, template_eye):
-        x = tensor(degrade(faces, e, template_eye))
+        x = as_tensor(degrade(faces, e, template_eye))
+        key = "sharp" if e == template_eye else str(e)
         for r in recs:
             c = ctx[r.name]
             emb = np.concatenate([r.embed(x[i:i + 64], None if c is None else c[i:i + 64])
                                   for i in range(0, len(x), 64)])
-            sims = (emb @ emb.T)[iu]
-            if keep is None:  # first recogniser on the first size: MobileFaceNet
-                sharp_mfn = recs[0].embed(sharp)
-                keep = (sharp_mfn @ sharp_mfn.T)[iu] < a.dup
-            key = "sharp" if e == template_eye else str(e)
-            rows[r.name][key] = round(float(np.quantile(sims[keep], 0.999)), 4)
+            rows[r.name][key] = round(float(np.quantile((emb @ emb.T)[iu][keep], 0.999)), 4)
         print(f"eye {e:5.1f} px: " + ", ".join(f"{r.name} {rows[r.name][key]}" for r in recs),
               flush=True)
-    res = {"faces": len(pick), "impostor_pairs": int(keep.sum()),
+    res = {"faces": len(faces), "impostor_pairs": int(keep.sum()),
            "template_eye_px": round(template_eye, 1), "far": 0.001, "thresholds": rows,
-           "source": f"{len(pick)} adult UTKFace faces, shrunk to the eye distance and cut "
+           "source": f"{len(faces)} adult UTKFace faces, shrunk to the eye distance and cut "
                      "back to 128 px (INTER_AREA down, bicubic up)"}
     keys = [*map(str, EYE_PX), "sharp"]
     md = ("Cosine at FAR 0.1 % by eye distance in the frame; " + res["source"] + f", "

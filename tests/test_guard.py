@@ -54,7 +54,7 @@ def test_small_faces_are_judged_at_the_threshold_of_their_size():
         crops = [np.zeros((8, 8, 3), np.uint8)] * len(sizes)
         g.observe([(t, 0, e, False) for t, e in enumerate(sizes, 1)], crops, crops)
 
-    g.blur_reference = lambda crops: np.zeros(len(crops))  # a blur that removes the person
+    g.blur_reference = lambda crops, emb: np.zeros(len(crops))  # a blur that removes the person
     c = (threshold_at(8) + MFN_THRESHOLD) / 2  # an impostor score for 8-px faces, not 80
     pair(c, [8.0, 80.0])
     assert g.failing() == [2]
@@ -70,7 +70,7 @@ def test_a_face_no_closer_to_its_original_than_a_blur_is_not_a_match():
         u, v = np.array([1.0, 0.0]), np.array([c, np.sqrt(1 - c * c)])
         out = iter([u[None], v[None]])
         g.embed = lambda crops, out=out: next(out)
-        g.blur_reference = lambda crops, ref=ref: np.full(len(crops), ref)
+        g.blur_reference = lambda crops, emb, ref=ref: np.full(len(crops), ref)
         g.reset([1])
         g.observe([(1, 0, 80.0, False)], crops, crops)
         assert (g.failing() == [1]) is matched, (c, ref)

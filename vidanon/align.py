@@ -42,6 +42,11 @@ def transform_scale(m: np.ndarray) -> float:
     return float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
 
 
+def frame_eye_px(spec: ModelSpec, m: np.ndarray) -> float:
+    """Eye distance in the frame of the face that ``m`` (frame -> crop) aligns."""
+    return spec.eye_px / transform_scale(m)
+
+
 def warp_crop(frame: np.ndarray, m: np.ndarray, size: int) -> np.ndarray:
     return cv2.warpAffine(frame, m, (size, size), flags=cv2.INTER_CUBIC,
                           borderMode=cv2.BORDER_REPLICATE)

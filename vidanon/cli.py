@@ -166,9 +166,8 @@ def run(
     from vidanon.batch import run_folder
     from vidanon.config import load_settings
     from vidanon.passes import pick_device
-    from vidanon.pipeline import default_output
     from vidanon.pipeline import run as run_one
-    from vidanon.publish import check_output
+    from vidanon.publish import check_output, default_output
 
     try:
         with _signals_as_exit():

@@ -38,10 +38,13 @@ SIZE_THRESHOLDS: dict[float, float] = {
 }
 
 
+_SIZES = np.fromiter(SIZE_THRESHOLDS, float)
+_COSINES = np.fromiter(SIZE_THRESHOLDS.values(), float)
+
+
 def threshold_at(eye_px: float) -> float:
     """MobileFaceNet's same-person threshold (FAR 0.1 %) for a face ``eye_px`` wide."""
-    xs = np.fromiter(SIZE_THRESHOLDS, float)
-    return float(np.interp(eye_px, xs, np.fromiter(SIZE_THRESHOLDS.values(), float)))
+    return float(np.interp(eye_px, _SIZES, _COSINES))
 
 
 PROBE_FRAMES = 3  # a track's worst frames kept: where an escalation is tried first
@@ -116,31 +119,32 @@ class PrivacyGuard:
         private as the irreversible last resort. A blurred face is its own reference.
         """
         t0 = time.perf_counter()
-        sims = np.sum(self.embed(originals) * self.embed(anonymized), axis=1)
+        emb = self.embed(originals)
+        sims = np.sum(emb * self.embed(anonymized), axis=1)
         thr = np.array([self.threshold_for(e) for _, _, e, _ in faces])
-        ref = np.array([s if blurred else -1.0 for (_, _, _, blurred), s in zip(faces, sims)])
-        if not self.blur_floor:
-            ref[:] = -1.0
-        check = [i for i, (s, t, r) in enumerate(zip(sims, thr, ref))
-                 if s >= t and r < 0 and self.blur_floor]
-        if check:
-            ref[check] = self.blur_reference([originals[i] for i in check])
-        # "More similar than a blur": a tie with the reference is not a match.
-        thr = np.maximum(thr, ref + 1e-6)
+        if self.blur_floor:
+            blurred = np.array([b for _, _, _, b in faces], bool)
+            ref = np.where(blurred, sims, -1.0)
+            check = np.flatnonzero((sims >= thr) & ~blurred)
+            if len(check):
+                ref[check] = self.blur_reference([originals[i] for i in check], emb[check])
+            # "More similar than a blur": a tie with the reference is not a match.
+            thr = np.maximum(thr, ref + 1e-6)
         self.seconds += time.perf_counter() - t0
         for (tid, f, _, _), s, t in zip(faces, sims, thr):
             self.tracks.setdefault(tid, TrackCheck()).take(
                 TrackCheck(1, float(s), int(f), float(t)))
 
-    def blur_reference(self, originals: list[np.ndarray]) -> np.ndarray:
-        """Similarity of each original to the guard's last resort: its oval blurred away."""
+    def blur_reference(self, originals: list[np.ndarray], embedded: np.ndarray) -> np.ndarray:
+        """Similarity of each original (``embedded``: its embedding) to the guard's last
+        resort: its oval blurred away."""
         identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         blurred = []
         for crop in originals:
             b = crop.copy()
             blur_face(b, identity, self.spec, self._oval_alpha)
             blurred.append(b)
-        return np.sum(self.embed(originals) * self.embed(blurred), axis=1)
+        return np.sum(embedded * self.embed(blurred), axis=1)
 
     def merge(self, checks: dict[int, TrackCheck]) -> None:
         """Fold in what another guard saw over later frames (a segment rendered elsewhere).

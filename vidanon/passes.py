@@ -92,6 +92,18 @@ class Span:
         return self.pts[0] if self.pts else 0
 
 
+def _frame_renderer(model: FaceModel, settings: dict, keys: dict[int, Key], what: str,
+                    masks: FaceMasks | None, grow: dict[int, float] | None,
+                    observer: Observer | None) -> FrameRenderer:
+    """The keyed transform of ``what`` ("anonymize" or "recover") over a pass's faces."""
+    engine = Engine(model, engine_settings(model, settings))
+    transform = engine.anonymize if what == "anonymize" else engine.recover
+    if masks is None:  # no traced regions: the model's fixed oval
+        masks = FaceMasks(model.spec, "oval", float(settings["faces"]["feather"]))
+    return FrameRenderer(model.spec, masks, transform, keys, engine.settings.batch_size,
+                         observer=observer, grow=grow)
+
+
 def render_video(src: Path, output: Path, info, model: FaceModel, settings: dict,
             keys: dict[int, Key], plan: dict[int, list[FaceJob]], what: str,
             quiet: bool, observer=None, grow: dict[int, float] | None = None,
@@ -105,12 +117,7 @@ def render_video(src: Path, output: Path, info, model: FaceModel, settings: dict
     ``span``: only these frames, into a segment file without audio (a Ray work unit); the
     whole output is then ``media.join_parts`` of the segments.
     """
-    engine = Engine(model, engine_settings(model, settings))
-    transform = engine.anonymize if what == "anonymize" else engine.recover
-    if masks is None:  # no traced regions: the model's fixed oval
-        masks = FaceMasks(model.spec, "oval", float(settings["faces"]["feather"]))
-    renderer = FrameRenderer(model.spec, masks, transform, keys, engine.settings.batch_size,
-                             observer=observer, grow=grow)
+    renderer = _frame_renderer(model, settings, keys, what, masks, grow, observer)
     with VideoWriter(output, info, _encode_settings(settings),
                      audio_from=src if span is None else None) as writer:
         if span is None:
@@ -162,10 +169,8 @@ def probe(model: FaceModel, rp: RenderPass, frames: list[int], observer: Observe
     """Render the planned faces of ``frames`` only, in memory, for ``observer``; nothing is
     written. The privacy guard tries an escalation on a track's worst frames this way before
     paying for a whole pass: a step that still matches there fails the track anyway."""
-    engine = Engine(model, engine_settings(model, rp.settings))
-    masks = rp.masks or FaceMasks(model.spec, "oval", float(rp.settings["faces"]["feather"]))
-    renderer = FrameRenderer(model.spec, masks, engine.anonymize, rp.keys,
-                             engine.settings.batch_size, observer=observer, grow=rp.grow)
+    renderer = _frame_renderer(model, rp.settings, rp.keys, "anonymize", rp.masks, rp.grow,
+                               observer)
     want, last = set(frames), max(frames, default=-1)
     with contextlib.closing(read_frames(rp.src)) as decoded:
         picked = (f for f in itertools.takewhile(lambda f: f.index <= last, decoded)

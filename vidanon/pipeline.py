@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vidanon import __version__, publish, sidecar
-from vidanon.align import crop_transform, transform_scale
+from vidanon.align import crop_transform, frame_eye_px
 from vidanon.detect import make_detector, refuse_silent_zero
 from vidanon.diffusion.models import ModelSpec, load_model
 from vidanon.errors import KeyMaterialError, SidecarError, VidanonError
@@ -72,10 +72,6 @@ class RunResult:
     timings: dict = field(default_factory=dict)
     privacy: dict = field(default_factory=dict)
 
-def default_output(inp: Path) -> Path:
-    return inp.with_name(inp.stem + ".anon.mp4")
-
-
 def _round_matrix(m: np.ndarray) -> np.ndarray:
     # The sidecar stores 6 decimals; anonymization uses the same rounded numbers as recovery.
     return np.round(m, 6)
@@ -105,8 +101,7 @@ def plan_faces(tracks: list[Track], spec, min_eye_px: float) -> dict[int, list[F
     for tr in tracks:
         for f in sorted(tr.landmarks):
             m = _round_matrix(crop_transform(tr.landmarks[f], spec))
-            eye_px = spec.eye_px / transform_scale(m)
-            mode = "diffusion" if eye_px >= min_eye_px else "blur"
+            mode = "diffusion" if frame_eye_px(spec, m) >= min_eye_px else "blur"
             plan.setdefault(f, []).append(FaceJob(tr.id, m, mode))
     return plan
 
@@ -128,7 +123,7 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     unless the renderer keeps finished work for a re-run (Ray): then the job stays pending.
     """
     inp = Path(inp)
-    output = Path(output) if output else default_output(inp)
+    output = Path(output) if output else publish.default_output(inp)
     publish.repair(output)  # an earlier run killed while publishing to this path
     publish.check_output(inp, output, overwrite)
     publish.clean_stale(output)

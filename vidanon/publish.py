@@ -199,11 +199,15 @@ def publish(tmp_video: Path, tmp_side: Path, out: Path, overwrite: bool) -> None
         _fsync_dir(out.parent)
 
 
+def default_output(inp: Path) -> Path:
+    return inp.with_name(inp.stem + ".anon.mp4")
+
+
 def check_output(inp: Path, output: Path, overwrite: bool) -> None:
     """Everything about the output path that can be known before any work is done."""
     if output.is_dir():
         raise VidanonError(f"output {output} is a folder; give a file name, "
-                           f"e.g. {output / (inp.stem + '.anon.mp4')}")
+                           f"e.g. {output / default_output(inp).name}")
     if not output.parent.is_dir():
         raise VidanonError(f"output folder {output.parent} does not exist")
     if output.exists() and output.resolve() == inp.resolve():

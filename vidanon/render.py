@@ -16,10 +16,10 @@ import torch
 
 from vidanon.align import (
     blur_face,
+    frame_eye_px,
     from_tensor_batch,
     paste,
     to_tensor_batch,
-    transform_scale,
     warp_crop,
 )
 from vidanon.diffusion.models import ModelSpec
@@ -86,22 +86,20 @@ class FrameRenderer:
                 paste(window[wi][0].image, crop, job.matrix, alpha)
             if self.observer is not None:
                 out = [warp_crop(window[wi][0].image, job.matrix, size) for wi, job in where]
-                eye = self.spec.eye_px
                 self.observer([(j.track_id, window[wi][0].index,
-                                eye / transform_scale(j.matrix), False) for wi, j in where],
+                                frame_eye_px(self.spec, j.matrix), False) for wi, j in where],
                               crops, out)
         blurred, before, after = [], [], []
         for frame, jobs, source in window:
-            for job in jobs:
-                if job.mode == "blur":
-                    if self.observer is not None:  # a blur is a written face too: checked
-                        blurred.append((job.track_id, frame.index,
-                                        self.spec.eye_px / transform_scale(job.matrix), True))
-                        before.append(warp_crop(source, job.matrix, size))
-                    alpha = self.masks.oval(self.grow.get(job.track_id, 1.0))[1]
-                    blur_face(frame.image, job.matrix, self.spec, alpha)
-                    if self.observer is not None:
-                        after.append(warp_crop(frame.image, job.matrix, size))
+            for job in (j for j in jobs if j.mode == "blur"):
+                original = warp_crop(source, job.matrix, size) if self.observer else None
+                alpha = self.masks.oval(self.grow.get(job.track_id, 1.0))[1]
+                blur_face(frame.image, job.matrix, self.spec, alpha)
+                if original is not None:  # a blur is a written face too: checked
+                    blurred.append((job.track_id, frame.index,
+                                    frame_eye_px(self.spec, job.matrix), True))
+                    before.append(original)
+                    after.append(warp_crop(frame.image, job.matrix, size))
         if blurred:
             self.observer(blurred, before, after)
         yield from (frame for frame, _, _ in window)

@@ -43,11 +43,13 @@ def render_verified(renderer: Renderer, first: RenderPass, guard: PrivacyGuard |
     if guard is None:
         return stats
     failing = guard.failing()
+    probe = None
     while failing:
         log.info("privacy guard: %d track(s) still match the original; escalating",
                  len(failing))
         esc.escalate(failing)
-        _probe_steps(renderer, first, guard, esc, keys_now, failing, stats)
+        probe = probe or PrivacyGuard(guard.spec, guard.threshold, guard.blur_floor)
+        _probe_steps(renderer, first, guard, probe, esc, keys_now, failing, stats)
         guard.reset(failing)  # blurred ones too: a blur is checked like any written face
         redo = {f: [j for j in jobs if j.track_id in failing]
                 for f, jobs in escalated_plan(first.plan, esc).items()}
@@ -62,9 +64,10 @@ def render_verified(renderer: Renderer, first: RenderPass, guard: PrivacyGuard |
 
 
 def _probe_steps(renderer: Renderer, first: RenderPass, guard: PrivacyGuard,
-                 esc: Escalations, keys_now: Callable[[], dict[int, Key]],
+                 probe: PrivacyGuard, esc: Escalations, keys_now: Callable[[], dict[int, Key]],
                  tracks: list[int], stats: dict) -> None:
-    """Advance each of ``tracks`` past the steps that still match on its worst frames."""
+    """Advance each of ``tracks`` past the steps that still match on its worst frames
+    (``guard``'s record); ``probe`` checks the trial renders."""
     frames = {t: [f for _, f in guard.tracks[t].worst] for t in tracks}
     trying = [t for t in tracks if not esc.blurred(t)]
     while trying:
@@ -73,7 +76,7 @@ def _probe_steps(renderer: Renderer, first: RenderPass, guard: PrivacyGuard,
             picked = [j for j in jobs if j.track_id in trying and f in frames[j.track_id]]
             if picked:
                 plan[f] = picked
-        probe = PrivacyGuard(guard.spec, guard.threshold, guard.blur_floor)
+        probe.tracks = {}
         renderer.probe(replace(first, plan=plan, keys=keys_now(),
                                grow={t: esc.grow(t) for t in trying}), sorted(plan), probe)
         stats["probes"] += 1
