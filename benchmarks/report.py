@@ -57,6 +57,42 @@ def headline() -> str:
     return "\n".join(lines)
 
 
+def leak_presets() -> str:
+    """One row per mask preset, guard on and off: the outside judge's totals over all clips,
+    and what the guard did (#12's comparison in one table)."""
+    rows = []
+    for m in ("face", "keep-eyes", "keep-mouth"):
+        for g in ("", "_noguard"):
+            doc = _load(f"leak_mask_{m}{g}")
+            if not doc or "beyond_blur" not in doc.get("total", {}):
+                continue
+            t, clips = doc["total"], doc["clips"].values()
+            priv = [c.get("privacy") or {} for c in clips]
+            tim = [c.get("timings") or {} for c in clips]
+            if g:
+                guard = "off | - | -"
+            else:
+                esc = sum(p.get("faces_escalated", 0) for p in priv)
+                blur = sum(p.get("faces_blurred", 0) for p in priv)
+                shares = [100 * x.get("guard_share", 0) for x in tim]
+                guard = (f"on | {esc} / {blur} of {sum(c.get('face_frames', 0) for c in clips)}"
+                         f" | {min(shares):.0f}-{max(shares):.0f} %")
+            rows.append(f"| `{m}` | {t['vidanon']['matched']} of {t['vidanon']['faces']} "
+                        f"({t['vidanon']['matched_pct']} %) | {t['beyond_blur']['matched']} "
+                        f"({t['beyond_blur']['matched_pct']} %) | {t['blur']['matched']} "
+                        f"({t['blur']['matched_pct']} %) | {guard} |")
+    if not rows:
+        return ""
+    return "\n".join([
+        "## Leak by mask preset", "",
+        "The outside judge (*Video leak* below: CenterFace, MobileFaceNet + dlib at FAR 0.1 % "
+        "for each face's size) over all clips of `leak_mask_<preset>[_noguard]`, with the "
+        "privacy guard on and off. Guard: face-frames escalated / blurred, and its share of "
+        "run time (lowest-highest clip).", "",
+        "| preset | matched (either) | beyond blur | blur baseline | guard | escalated / blurred "
+        "| guard share |", "|---|---|---|---|---|---|---|", *rows])
+
+
 def header() -> str:
     runs = []
     for name in SECTIONS:
@@ -94,14 +130,14 @@ def header() -> str:
 
 
 def main() -> None:
-    parts = [header(), headline()]
+    parts = [header(), headline(), leak_presets()]
     for name in SECTIONS:
         md = RESULTS / f"{name}.md"
         if md.exists():
             parts.append(md.read_text().strip())
         else:
             parts.append(f"## {name}\n\nNot run yet (`python -m benchmarks.{name}`).")
-    DOC.write_text("\n\n".join(parts) + "\n")
+    DOC.write_text("\n\n".join(p for p in parts if p) + "\n")
     print(f"wrote {DOC}")
 
 

@@ -18,14 +18,29 @@ the recogniser is asked about identity, not about finding a face.
 from __future__ import annotations
 
 import argparse
+import json
 
 import cv2
 import numpy as np
 
-from benchmarks._common import md_table, set_threads, write_results
+from benchmarks._common import ROOT, md_table, set_threads, write_results
 from benchmarks._identity import UTK_SPEC, DlibId, MobileFaceNetId, adult_faces, as_tensor
 
 EYE_PX = (6, 8, 10, 12, 16, 20, 24, 32, 40)
+RESULTS = ROOT / "benchmarks" / "results" / "thresholds.json"
+
+
+def by_size(recogniser: str, results: dict | None = None):
+    """``eye_px -> threshold`` for ``recogniser`` from this benchmark's results: linear in
+    between the measured sizes, the sharp threshold from the template's eye distance on (as
+    ``vidanon.guard.threshold_at`` does for the guard's table)."""
+    res = results or json.loads(RESULTS.read_text())
+    rows = res["thresholds"][recogniser]
+    sizes = [float(k) for k in rows if k != "sharp"] + [float(res["template_eye_px"])]
+    values = [float(v) for k, v in rows.items() if k != "sharp"] + [float(rows["sharp"])]
+    order = np.argsort(sizes)
+    xs, ys = np.asarray(sizes)[order], np.asarray(values)[order]
+    return lambda eye_px: float(np.interp(eye_px, xs, ys))
 
 
 def degrade(faces: np.ndarray, eye_px: float, template_eye_px: float) -> np.ndarray:

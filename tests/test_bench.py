@@ -37,3 +37,31 @@ def test_headline_reads_quality_results(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     text = report.headline()
     assert "| faces, M | 0.0 % | 90.0 % | 0.0 % | 1.0 % |" in text
+
+
+def test_thresholds_by_size_interpolate_and_reach_the_sharp_one():
+    from benchmarks.thresholds import by_size
+
+    res = {"template_eye_px": 54.0, "thresholds": {"M": {"8": 0.8, "16": 0.6, "sharp": 0.5}}}
+    at = by_size("M", res)
+    assert at(8) == 0.8 and at(4) == 0.8  # below the smallest size: its threshold
+    assert abs(at(12) - 0.7) < 1e-9
+    assert abs(at(35) - 0.55) < 1e-9  # halfway from 16 px to the template's 54 px
+    assert at(200) == 0.5
+
+
+def test_leak_presets_table_sums_clips_and_marks_the_guard(tmp_path, monkeypatch):
+    def doc(verified: bool) -> dict:
+        clip = {"face_frames": 10, "privacy": {"faces_escalated": 3, "faces_blurred": 1},
+                "timings": {"guard_share": 0.12}} if verified else {"face_frames": 10}
+        return {"total": {"vidanon": {"matched": 1, "faces": 20, "matched_pct": 5.0},
+                          "beyond_blur": {"matched": 0, "faces": 20, "matched_pct": 0.0},
+                          "blur": {"matched": 2, "faces": 20, "matched_pct": 10.0}},
+                "clips": {"a.mp4": clip, "b.mp4": clip}}
+    (tmp_path / "leak_mask_face.json").write_text(json.dumps(doc(True)))
+    (tmp_path / "leak_mask_face_noguard.json").write_text(json.dumps(doc(False)))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    text = report.leak_presets()
+    assert "| `face` | 1 of 20 (5.0 %) | 0 (0.0 %) | 2 (10.0 %) | on | 6 / 2 of 20 | 12-12 % |" \
+        in text
+    assert "| off | - | - |" in text and "keep-eyes" not in text
