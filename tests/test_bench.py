@@ -65,3 +65,26 @@ def test_leak_presets_table_sums_clips_and_marks_the_guard(tmp_path, monkeypatch
     assert "| `face` | 1 of 20 (5.0 %) | 0 (0.0 %) | 2 (10.0 %) | on | 6 / 2 of 20 | 12-12 % |" \
         in text
     assert "| off | - | - |" in text and "keep-eyes" not in text
+
+
+def test_leak_judge_counts_size_thresholds_blur_floor_and_untouched_faces(make_video):
+    from benchmarks.leak import judge_clip
+
+    clip = make_video("a.mp4", size=(64, 48), frames=6)
+
+    class FakeJudge:  # one face per frame; the output scores 0.5 / 0.95, the blur 0.6 / 0.8
+        calls = 0
+
+        def faces(self, bgr, min_eye_px):
+            return [(np.array([10.0, 10.0, 40.0, 40.0]), np.array([[15.0, 20], [35, 20]]))]
+
+        def similarities(self, orig, other, box, pts):
+            self.calls += 1
+            return {"M": 0.5, "D": 0.95} if self.calls % 2 else {"M": 0.6, "D": 0.8}
+
+    r = judge_clip(FakeJudge(), clip, clip, 2, {"M": lambda e: 0.45, "D": lambda e: 0.9}, 8.0)
+    assert r["faces"] == 3 and r["median_eye_px"] == 20.0
+    assert r["vidanon"]["M"]["matched"] == 3 and r["blur"]["D"]["matched"] == 0
+    # M matches no more than the blur does; D matches beyond it
+    assert r["vidanon"]["beyond_blur"]["matched"] == 3
+    assert [u[0] for u in r["untouched"]] == [0, 2, 4]  # the same video: nothing replaced
