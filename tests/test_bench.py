@@ -62,8 +62,8 @@ def test_leak_presets_table_sums_clips_and_marks_the_guard(tmp_path, monkeypatch
     (tmp_path / "leak_mask_face_noguard.json").write_text(json.dumps(doc(False)))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     text = report.leak_presets()
-    assert "| `face` | 1 of 20 (5.0 %) | 0 (0.0 %) | 2 (10.0 %) | on | 6 / 2 of 20 | 12-12 % |" \
-        in text
+    assert ("| `face` | 1 of 20 (5.0 %) | 0 (0.0 %) | 2 (10.0 %) | 0 | on | 6 / 2 of 20 | 12-12 % |"
+            in text)
     assert "| off | - | - |" in text and "keep-eyes" not in text
 
 
