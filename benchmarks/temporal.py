@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
             for tr in doc["tracks"]:
                 if len(tr["frames"]) < a.min_frames:
                     continue
+                if not any(r["mode"] == "diffusion" for r in tr["frames"]):
+                    continue  # blurred whole (privacy guard, or too small): no pseudo-identity
                 orig = track_crops(video, tr, spec.crop_size)
                 anon = track_crops(res.output, tr, spec.crop_size)
                 replaced = sum(r["mode"] == "diffusion" for r in tr["frames"])
