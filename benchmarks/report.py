@@ -16,11 +16,10 @@ import os
 from benchmarks._common import RESULTS, ROOT, cpu_model, git_commit
 
 DOC = ROOT / "docs" / "benchmarks.md"
-SECTIONS = ["leak", "leak_noguard",
-            *(f"leak_mask_{m}{g}" for m in ("face", "keep-eyes", "keep-mouth")
+SECTIONS = [*(f"leak_mask_{m}{g}" for m in ("face", "keep-eyes", "keep-mouth")
               for g in ("", "_noguard")),
-            "masks", "scale", "quality", "prior", "recovery", "temporal", "steps", "detect",
-            "speed", "concurrent_runs"]
+            "masks", "scale", "quality", "prior", "masked_sampling", "recovery", "temporal",
+            "steps", "detect", "speed", "concurrent_runs"]
 
 
 def _load(name: str) -> dict | None:
@@ -116,11 +115,13 @@ def header() -> str:
         " Raw numbers: `benchmarks/results/*.json`. Quality, recovery, temporal, prior and "
         "steps use the bundled CPU-trained prior (see its model card) and the default preset.",
         "",
-        "**Which model.** Since session 3 the bundled prior is the latent 128-px prior: the "
-        "leak, quality, prior, recovery and temporal (head_motion_a only) sections measure "
-        "it. Steps, detect and speed were last run in session 2 with the retired 64-px pixel "
-        "prior (their commits are listed above) and are kept until re-run; read them as "
-        "history.",
+        "**Which model.** The bundled latent 128-px prior at 16,344 training steps (session "
+        "6). Quality, recovery, temporal, prior and masked sampling measure it with its cycle "
+        "fine-tuned decoder; the leak sections measure it with the stock TAEF2 decoder (run "
+        "just before the decoder was switched). Masks and scale are from session 4-5 "
+        "(6,574-step prior); steps, detect and speed were last run in session 2 with the "
+        "retired 64-px pixel prior (their commits are listed above) and are kept until re-run; "
+        "read them as history.",
         "",
         "**Caveats.** CPU only: no GPU has been lent to this project's sessions yet, so GPU "
         "numbers are pending; the H100 figures below are a compute-limit derivation, not a "
