@@ -120,3 +120,19 @@ def test_dead_runs_pending_job_is_kept_only_while_its_work_folder_exists(tmp_pat
     other.prune_dead_pending(lambda job, entry: False)
     other.save()
     assert sorted(Keyring.open(tmp_path / "k.json").jobs) == ["a" * 16]
+
+
+def test_a_pass_onto_an_earlier_output_keeps_the_inputs_timestamps():
+    """A guard re-render reads the output made so far as its base; an MKV base has a 1 ms
+    time base, so its pts are not the input's: the written frames must carry the input's."""
+    spec = tiny_pixel().spec
+    m = np.array([[1.0, 0, 16], [0, 1.0, 16]])
+    r = FrameRenderer(spec, FaceMasks(spec, "oval"), lambda x, m, k: x,
+                      {0: Key(bytes(16))}, 2)
+    blank = np.zeros((64, 64, 3), np.uint8)
+    base = [Frame(f, blank, 33 * f, f / 29.97) for f in range(4)]  # ms, as read from MKV
+    src = [Frame(f, blank, 1001 * f, f / 29.97, duration=1001) for f in range(4)]
+    plan = {1: [FaceJob(0, m, "blur")], 2: [FaceJob(0, m, "diffusion")]}
+    out = list(r.render(iter(base), lambda f: plan.get(f, []), iter(src)))
+    assert [f.pts for f in out] == [0, 1001, 2002, 3003]
+    assert all(f.duration == 1001 for f in out)

@@ -9,7 +9,7 @@ the batch is full.  Memory is bounded by that window, not by the video's length.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -113,7 +113,13 @@ class FrameRenderer:
         pending = 0
         src_iter = iter(sources) if sources is not None else None
         for frame in frames:
-            source = next(src_iter).image if src_iter is not None else frame.image
+            source = frame.image
+            if src_iter is not None:
+                src = next(src_iter)
+                source = src.image
+                # The output keeps the input's clock: an earlier output read back as the base
+                # has its container's time base (MKV: 1 ms), not the input's.
+                frame = replace(frame, pts=src.pts, time=src.time, duration=src.duration)
             jobs = plan(frame.index)
             if not jobs and not window:
                 yield frame
