@@ -1,6 +1,6 @@
 """Video leak benchmark: does an outside judge still recognise the person in the output video?
 
-    python -m benchmarks.leak [--seconds 4] [--every 3] [--config default] [--set k=v ...]
+    python -m benchmarks.leak [--seconds 2] [--every 3] [--config default] [--set k=v ...]
                               [--variant NAME] [--mask face] [--no-verify]
 
 Judged as an outsider would, not on vidanon's own crops:
@@ -18,7 +18,9 @@ Judged as an outsider would, not on vidanon's own crops:
 
 The same frames blurred (a box blur over each CenterFace box, as deface does) are the
 baseline. Clips: the four shared large-face clips and ``samples/crowd.mp4``, the first
-``--seconds`` of each. Writes ``benchmarks/results/leak[_VARIANT].{json,md}``.
+``--seconds`` of each (session 6 ran ``--seconds 2``). Writes
+``benchmarks/results/leak_<variant>.{json,md}``; the default variant is ``mask_<preset>``,
+``_noguard`` with ``--no-verify``: the rows of the report's *Leak by mask preset* table.
 """
 
 from __future__ import annotations
@@ -190,13 +192,14 @@ def anonymize(src: Path, settings: dict, variant: str, extra: list[str]):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.leak", description=__doc__)
-    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--every", type=int, default=3, help="judge every n-th frame")
     ap.add_argument("--min-eye-px", type=float, default=8.0,
                     help="judge faces whose eyes are at least this far apart")
     ap.add_argument("--config", default="default")
     ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--variant", default="default")
+    ap.add_argument("--variant", default=None,
+                    help="results name (default: mask_<preset>, _noguard without the guard)")
     ap.add_argument("--clips", nargs="*", default=None)
     ap.add_argument("--mask", default=None, help="face, keep-eyes or keep-mouth")
     ap.add_argument("--no-verify", action="store_true", help="the privacy guard off")
@@ -209,13 +212,15 @@ def main(argv: list[str] | None = None) -> None:
         a.sets.append("guard.verify=false")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = load_settings(a.config, a.sets)
+    a.variant = a.variant or (f"mask_{settings['faces']['mask']}"
+                              + ("" if settings["guard"]["verify"] else "_noguard"))
     thr = json.loads(THRESHOLDS.read_text())
     tables = {k: by_size(k, thr) for k in ("MobileFaceNet", "dlib ResNet")}
     judge = Judge()
     clips = [Path(c) for c in a.clips] if a.clips else CLIPS
     res = {"thresholds": thr, "settings": settings, "variant": a.variant,
            "seconds": a.seconds, "every": a.every, "clips": {}}
-    name = "leak" if a.variant == "default" else f"leak_{a.variant}"
+    name = f"leak_{a.variant}"
     before = json.loads((RESULTS / f"{name}.json").read_text()) if a.rejudge else None
     for clip in clips:
         src = source_clip(clip, a.seconds)
