@@ -83,10 +83,13 @@ def utility(original: Path, anonymized: Path, doc: dict, spec, every: int = 3) -
     whole aligned crop: nothing there may change."""
     alpha = np.ones((spec.crop_size, spec.crop_size), np.float32)
     faces: dict[int, list[np.ndarray]] = {}
+    replaced: dict[int, list[np.ndarray]] = {}  # the detector re-find rate: diffusion only
     for tr in doc["tracks"]:
         for r in tr["frames"]:
+            m = np.asarray(r["m"]).reshape(2, 3)
+            faces.setdefault(r["f"], []).append(m)  # blurred faces are not background either
             if r["mode"] == "diffusion":
-                faces.setdefault(r["f"], []).append(np.asarray(r["m"]).reshape(2, 3))
+                replaced.setdefault(r["f"], []).append(m)
     det = make_detector(score_threshold=doc["settings"]["detect"]["score_threshold"])
     centre = np.array([spec.crop_size / 2, spec.crop_size / 2, 1.0])
     sq, n_px, ssim_sum, found = 0.0, 0, 0.0, {"original": 0, "anonymized": 0}
@@ -101,15 +104,15 @@ def utility(original: Path, anonymized: Path, doc: dict, spec, every: int = 3) -
         sq += float((d[keep] ** 2).sum())
         n_px += int(keep.sum()) * 3
         ssim_sum += float(ssim_map(fo.image, fa.image)[keep].sum())
-        if fo.index % every or fo.index not in faces:
+        if fo.index % every or fo.index not in replaced:
             continue
         for name, img in (("original", fo.image), ("anonymized", fa.image)):
             boxes = det(img).xyxy
-            for m in faces[fo.index]:
+            for m in replaced[fo.index]:
                 cx, cy = cv2.invertAffineTransform(m) @ centre
                 found[name] += bool(((boxes[:, 0] <= cx) & (cx <= boxes[:, 2])
                                      & (boxes[:, 1] <= cy) & (cy <= boxes[:, 3])).any())
-        checked += len(faces[fo.index])
+        checked += len(replaced[fo.index])
     mse = sq / max(n_px, 1)
     return {
         "background_psnr_db": round(float(10 * np.log10(255.0**2 / max(mse, 1e-12))), 2),
