@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import machine, write_results
-from benchmarks._identity import UTK_TEMPLATE, MobileFaceNetId, cached_thresholds
+from benchmarks._identity import UTK_TEMPLATE, MobileFaceNetId, as_tensor, cached_thresholds
 from benchmarks.quality import FACES
 from vidanon.diffusion.models import BUNDLED_DIR, ModelSpec, load_model
 from vidanon.prior.data import load_dataset, split_indices
@@ -59,7 +59,7 @@ def memorisation(samples: np.ndarray, train_rgb: np.ndarray, held_rgb: np.ndarra
     mfn = MobileFaceNetId(spec)
 
     def emb(rgb: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(rgb.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+        x = as_tensor(rgb)
         return np.concatenate([mfn.embed(x[i:i + 256]) for i in range(0, len(x), 256)])
 
     pair_thr = cached_thresholds()["MobileFaceNet"]["threshold"]
@@ -83,19 +83,15 @@ def heldout_loss(folder: Path, cache: Path = LATENTS) -> dict | None:
     """Noise-prediction MSE on the held-out faces' latents at fixed timesteps and noise: a
     low-variance measure of the prior itself, to compare checkpoints (lower is better).
     None for pixel models or without the latent cache (``python -m vidanon.prior.latents``)."""
-    import json
-
+    from vidanon.prior.autoencoder import TinyAutoencoder
     from vidanon.prior.latents import load_latents
 
-    meta = json.loads((Path(folder) / "vidanon.json").read_text())
-    if meta.get("kind") != "latent" or not cache.exists():
+    fm = load_model(str(folder), device="cpu")
+    if not isinstance(fm.vae, TinyAutoencoder) or not cache.exists():
         return None
     lat, _, names = load_latents(cache)
     _, held = split_indices(names)
-    st = meta["latent_stats"]
-    z0 = ((torch.from_numpy(lat[held]).float() - torch.tensor(st["shift"]).view(1, -1, 1, 1))
-          / torch.tensor(st["scale"]).view(1, -1, 1, 1))
-    fm = load_model(str(folder), device="cpu")
+    z0 = fm.vae.normalise(torch.from_numpy(lat[held]))
     ac = fm.scheduler.alphas_cumprod
     g = torch.Generator().manual_seed(0)
     out = {}

@@ -104,8 +104,12 @@ class TinyAutoencoder(nn.Module):
         return (self.decoder(z) * 2 - 1).contiguous()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.encode_raw(x).float()
-        return (z - self.shift.view(1, -1, 1, 1)) / self.scale.view(1, -1, 1, 1)
+        return self.normalise(self.encode_raw(x))
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw TAEF2 latents (as cached for training) to the unit-variance space the UNet
+        denoises."""
+        return (z.float() - self.shift.view(1, -1, 1, 1)) / self.scale.view(1, -1, 1, 1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         z = z.float() * self.scale.view(1, -1, 1, 1) + self.shift.view(1, -1, 1, 1)
