@@ -162,3 +162,28 @@ def test_strength_starts_the_schedule_lower_and_still_inverts(pixel):
     keys = _keys()
     anon = eng.anonymize(x, m, keys)
     assert psnr(eng.recover(anon, m, keys), x, mask=m) > psnr(anon, x, mask=m) + 20
+
+
+def test_inversion_memo_serves_a_new_key_without_inverting_again(pixel):
+    # The privacy guard tries a new key on frames it already inverted for the larger mask.
+    from vidanon.diffusion.engine import Inversions
+
+    x, m = _faces(32), _masks(pixel)
+    memo = Inversions()
+    s = EngineSettings(steps=4, refine=1, batch_size=4)
+    first = Engine(pixel, s, memo)
+    first.anonymize(x[:2], m[:2], _keys(2, seed=1))
+    again = Engine(pixel, s, memo)
+    got = again.anonymize(x, m, _keys(seed=2))
+    fresh = Engine(pixel, s)
+    want = fresh.anonymize(x, m, _keys(seed=2))
+    assert memo.hits == 2
+    assert torch.allclose(got, want, atol=1e-4)
+    assert again.evals < fresh.evals  # two crops only sampled
+    other = m.clone()
+    other[:, :, :4] = 0  # another mask is another inversion
+    Engine(pixel, s, memo).anonymize(x[:1], other[:1], _keys(1))
+    assert memo.hits == 2
+    tiny = Inversions(max_bytes=1)  # too small to keep anything: still correct
+    assert torch.allclose(Engine(pixel, s, tiny).anonymize(x, m, _keys(seed=2)), want,
+                          atol=1e-4)

@@ -66,20 +66,21 @@ def test_a_face_no_closer_to_its_original_than_a_blur_is_not_a_match():
     # lack of detail there, and the guard's last resort could never pass either.
     g = PrivacyGuard(tiny_pixel().spec)
     crops = [np.zeros((32, 32, 3), np.uint8)]
-    for c, ref, matched in ((0.8, 0.9, False), (0.95, 0.9, True), (0.8, 0.1, True)):
+    for f, (c, ref, matched) in enumerate(((0.8, 0.9, False), (0.95, 0.9, True),
+                                           (0.8, 0.1, True))):
         u, v = np.array([1.0, 0.0]), np.array([c, np.sqrt(1 - c * c)])
         out = iter([u[None], v[None]])
         g.embed = lambda crops, out=out: next(out)
         g.blur_reference = lambda crops, emb, ref=ref: np.full(len(crops), ref)
         g.reset([1])
-        g.observe([(1, 0, 80.0, False)], crops, crops)
+        g.observe([(1, f, 80.0, False)], crops, crops)  # frame f: a face not seen before
         assert (g.failing() == [1]) is matched, (c, ref)
         assert g.tracks[1].threshold == pytest.approx(max(ref, MFN_THRESHOLD), abs=1e-5)
     # A blurred face is its own reference: never "more similar than a blur".
     out = iter([np.array([[1.0, 0.0]]), np.array([[0.99, np.sqrt(1 - 0.99**2)]])])
     g.embed = lambda crops: next(out)
     g.reset([1])
-    g.observe([(1, 0, 80.0, True)], crops, crops)
+    g.observe([(1, 9, 80.0, True)], crops, crops)
     assert g.failing() == [] and g.tracks[1].max_similarity == pytest.approx(0.99)
     fixed = PrivacyGuard(tiny_pixel().spec, threshold=0.3)
     assert fixed.threshold_for(8.0) == fixed.threshold_for(80.0) == 0.3
@@ -189,3 +190,103 @@ def test_steps_that_fail_on_the_worst_frames_are_skipped_without_a_whole_pass(cl
     assert t["guard_passes"] == 1 and t["guard_probes"] == 2, t
     assert 0 < t["guard_probe_crops"] <= 2 * 3 * res.tracks  # 3 worst frames per track
     assert res.privacy["faces_blurred"] == res.faces and res.privacy["faces_escalated"] == res.faces
+
+
+class _TableRenderer:
+    """A renderer whose probes "render" by table: margin(track, escalation level, frame)."""
+
+    def __init__(self, esc, margin, ready_faces: int) -> None:
+        self.esc, self.margin, self.ready_faces = esc, margin, ready_faces
+        self.probed: list[list[tuple[int, int, int]]] = []  # per probe: (track, level, frame)
+
+    def probe(self, rp, frames, guard, keep=None):
+        from vidanon.guard import TrackCheck
+
+        seen = []
+        for f in frames:
+            for j in rp.plan[f]:
+                lvl = self.esc.level[j.track_id]
+                m = self.margin(j.track_id, lvl, f)
+                guard.tracks.setdefault(j.track_id, TrackCheck()).take(
+                    TrackCheck(1, 0.5 + m, f, 0.5, margins={f: m}))
+                seen.append((j.track_id, lvl, f))
+                if keep is not None:
+                    keep[(j.track_id, f)] = np.full((2, 2, 3), lvl, np.uint8)
+        self.probed.append(seen)
+
+
+@pytest.mark.parametrize("ready_faces", [2048, 0])
+def test_a_step_is_tried_worst_frames_first_and_dropped_where_it_fails(ready_faces):
+    # Track 1 failed its first pass; the larger mask (level 1) passes its 3 worst frames but
+    # fails frame 30, the 10th worst; the new key (level 2) passes everywhere.
+    from vidanon.guard import Escalations, TrackCheck
+    from vidanon.passes import RenderPass
+    from vidanon.render import FaceJob
+    from vidanon.verify import _try_steps
+
+    frames = list(range(40))
+    first_margin = {f: -abs(f - 35) / 100 for f in frames}  # worst near frame 35
+    order = sorted(frames, key=lambda f: (-first_margin[f], f))
+    assert order.index(30) == 9
+    g = PrivacyGuard(tiny_pixel().spec)
+    g.tracks[1] = TrackCheck(40, 0.6, 35, 0.5, margins=first_margin)
+    esc = Escalations({1: 1})
+    esc.escalate([1])
+    r = _TableRenderer(esc, lambda t, lvl, f: 0.1 if (lvl == 1 and f == 30) else -0.1,
+                       ready_faces)
+    plan = {f: [FaceJob(1, np.eye(2, 3), "diffusion")] for f in frames}
+    first = RenderPass(0, Path("in.mp4"), Path("out.mp4"), None, {}, plan, {})
+    stats = {"probes": 0, "probe_crops": 0}
+    ready = _try_steps(r, first, g, esc, dict, [1], stats)
+    tried = [[f for _, _, f in p] for p in r.probed]
+    if ready_faces:
+        # Level 1: its 3 worst frames, then 12 more, where frame 30 fails; level 2: 3, 12,
+        # then the other 25. The whole track is rendered once under the step that passed.
+        assert [len(p) for p in tried] == [3, 12, 3, 12, 25]
+        assert sorted(tried[0]) == sorted(order[:3]) and 30 in tried[1]
+        assert esc.level[1] == 2 and sorted(f for _, f in ready) == frames
+        assert all(int(c[0, 0, 0]) == 2 for c in ready.values())  # level 2's faces only
+    else:
+        # The renderer transforms every face itself: one probe of the worst frames a step.
+        assert [len(p) for p in tried] == [3] and ready == {}
+        assert esc.level[1] == 1
+    assert stats["probes"] == len(tried) and stats["probe_crops"] == sum(map(len, tried))
+
+
+def test_an_original_face_is_embedded_once_however_often_it_is_checked():
+    g = PrivacyGuard(tiny_pixel().spec, blur_floor=False)
+    embedded = []
+
+    def embed(crops):
+        embedded.append(len(crops))
+        return np.tile([1.0, 0.0], (len(crops), 1))
+
+    g.embed = embed
+    crops = [np.zeros((8, 8, 3), np.uint8)] * 2
+    g.observe([(1, 0, 60.0, False), (1, 1, 60.0, False)], crops, crops)
+    probe = g.fresh()
+    probe.observe([(1, 1, 60.0, False), (2, 1, 60.0, False)], crops, crops)
+    # Originals: 2, then only track 2's; anonymized: 2 and 2.
+    assert embedded == [2, 2, 1, 2]
+    assert probe.tracks.keys() == {1, 2} and g.tracks.keys() == {1}
+    g.forget([2])
+    probe.observe([(1, 1, 60.0, False)], crops[:1], crops[:1])
+    assert embedded[-2:] == [1, 1]  # track 1 forgotten: embedded again
+
+
+def test_a_re_rendered_face_starts_from_the_input_not_the_earlier_output():
+    # The guard's last resort blurs the person, not the replacement written before it.
+    from vidanon.masks import FaceMasks
+    from vidanon.media import Frame
+    from vidanon.render import FaceJob, FrameRenderer
+
+    spec = tiny_pixel().spec
+    src = np.full((64, 64, 3), 90, np.uint8)
+    base = src.copy()
+    base[8:56, 8:56] = 250  # an earlier pass's (bright) replacement
+    m = np.array([[1.0, 0.0, -16.0], [0.0, 1.0, -16.0]])  # a 32-px crop at (16, 16)
+    fr = FrameRenderer(spec, FaceMasks(spec, "oval"), lambda x, mk, k: x, {}, 8)
+    out = list(fr.render([Frame(0, base.copy(), 0, 0.0)], lambda f: [FaceJob(1, m, "blur")],
+                         [Frame(0, src, 0, 0.0)]))[0].image
+    centre = out[28:36, 28:36].astype(int)
+    assert np.abs(centre - 90).max() <= 2, centre.mean()

@@ -121,6 +121,23 @@ def paste(frame: np.ndarray, crop: np.ndarray, m: np.ndarray, alpha: np.ndarray)
     )
 
 
+def restore(frame: np.ndarray, source: np.ndarray, m: np.ndarray, alpha: np.ndarray) -> None:
+    """Put ``source``'s own pixels back into ``frame`` where ``alpha`` (crop space) covers,
+    in place: a re-rendered face starts from the input, not from the face it replaces."""
+    size = alpha.shape[0]
+    x0, y0, x1, y1 = _footprint(m, size, frame.shape[:2])
+    if x1 <= x0 or y1 <= y0:
+        return
+    shift = m.copy()
+    shift[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
+    a = cv2.warpAffine(alpha, shift, (x1 - x0, y1 - y0),
+                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)[..., None]
+    roi = frame[y0:y1, x0:x1].astype(np.float32)
+    src = source[y0:y1, x0:x1].astype(np.float32)
+    frame[y0:y1, x0:x1] = np.clip(roi + a * (src - roi) + 0.5, 0, 255).astype(np.uint8)
+
+
 def blur_face(frame: np.ndarray, m: np.ndarray, spec: ModelSpec, alpha: np.ndarray) -> None:
     """Irreversible fallback for faces too small for the model: a heavy blur of the oval."""
     size = spec.crop_size

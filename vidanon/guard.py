@@ -60,6 +60,9 @@ class TrackCheck:
     worst_frame: int = -1
     threshold: float = 1.0  # at the worst frame's face size
     worst: list[tuple[float, int]] = field(default_factory=list)  # (margin, frame), worst first
+    # Every frame's margin, when seen in this process (a Ray unit reports ``worst`` only): an
+    # escalation is tried on a track's frames worst first, so a failing step is found early.
+    margins: dict[int, float] = field(default_factory=dict)
 
     @property
     def margin(self) -> float:
@@ -80,6 +83,13 @@ class TrackCheck:
             self.threshold = other.threshold
         pool = self.worst + (other.worst or [(other.margin, other.worst_frame)])
         self.worst = sorted(pool, key=lambda w: (-w[0], w[1]))[:PROBE_FRAMES]
+        self.margins.update(other.margins)
+
+    def worst_first(self, frames: list[int]) -> list[int]:
+        """``frames`` ordered by how close they came to matching; unseen frames last, in
+        order."""
+        known = {f: m for m, f in self.worst} | self.margins
+        return sorted(frames, key=lambda f: (-known.get(f, -np.inf), f))
 
 
 @dataclass
@@ -100,6 +110,19 @@ class PrivacyGuard:
         self._embedder = FaceEmbedder()
         self._pts = template_points(self.spec)
         self._oval_alpha = FaceMasks(self.spec, "oval").oval(1.0)[1]
+        # Per (track, frame): the original crop's embedding (float16) and its similarity to
+        # its own blur. A face's original crop is the same in every pass, probe and
+        # re-render, so escalations embed only the new anonymized crop.
+        self._original: dict[tuple[int, int], np.ndarray] = {}
+        self._blurred: dict[tuple[int, int], float] = {}
+
+    def fresh(self) -> PrivacyGuard:
+        """An empty guard with the same settings that shares this one's model and caches
+        (the escalation probes' own record)."""
+        other = PrivacyGuard.__new__(PrivacyGuard)
+        other.__dict__.update(self.__dict__)
+        other.tracks, other.seconds = {}, 0.0
+        return other
 
     def threshold_for(self, eye_px: float) -> float:
         return threshold_at(eye_px) if self.threshold is None else self.threshold
@@ -119,21 +142,29 @@ class PrivacyGuard:
         private as the irreversible last resort. A blurred face is its own reference.
         """
         t0 = time.perf_counter()
-        emb = self.embed(originals)
+        ids = [(tid, f) for tid, f, _, _ in faces]
+        new = [i for i, k in enumerate(ids) if k not in self._original]
+        for i, e in zip(new, self.embed([originals[i] for i in new])):
+            self._original[ids[i]] = e.astype(np.float16)
+        emb = np.stack([self._original[k] for k in ids]).astype(np.float32)
         sims = np.sum(emb * self.embed(anonymized), axis=1)
         thr = np.array([self.threshold_for(e) for _, _, e, _ in faces])
         if self.blur_floor:
             blurred = np.array([b for _, _, _, b in faces], bool)
             ref = np.where(blurred, sims, -1.0)
-            check = np.flatnonzero((sims >= thr) & ~blurred)
-            if len(check):
-                ref[check] = self.blur_reference([originals[i] for i in check], emb[check])
+            check = [i for i in np.flatnonzero((sims >= thr) & ~blurred)]
+            new = [i for i in check if ids[i] not in self._blurred]
+            if new:
+                for i, r in zip(new, self.blur_reference([originals[i] for i in new], emb[new])):
+                    self._blurred[ids[i]] = float(r)
+            for i in check:
+                ref[i] = self._blurred[ids[i]]
             # "More similar than a blur": a tie with the reference is not a match.
             thr = np.maximum(thr, ref + 1e-6)
         self.seconds += time.perf_counter() - t0
         for (tid, f, _, _), s, t in zip(faces, sims, thr):
             self.tracks.setdefault(tid, TrackCheck()).take(
-                TrackCheck(1, float(s), int(f), float(t)))
+                TrackCheck(1, float(s), int(f), float(t), margins={int(f): float(s - t)}))
 
     def blur_reference(self, originals: list[np.ndarray], embedded: np.ndarray) -> np.ndarray:
         """Similarity of each original (``embedded``: its embedding) to the guard's last
@@ -156,6 +187,17 @@ class PrivacyGuard:
 
     def failing(self) -> list[int]:
         return sorted(t for t, c in self.tracks.items() if c.margin >= 0)
+
+    def forget(self, keep: list[int]) -> None:
+        """Drop the per-frame records of every track but ``keep`` (those about to be
+        escalated): an hour of three faces is ~300,000 of them."""
+        wanted = set(keep)
+        for cache in (self._original, self._blurred):  # in place: probes share them
+            for k in [k for k in cache if k[0] not in wanted]:
+                del cache[k]
+        for t, c in self.tracks.items():
+            if t not in wanted:
+                c.margins = {}
 
     def reset(self, track_ids: list[int]) -> None:
         for t in track_ids:

@@ -231,6 +231,14 @@ class FaceMasks:
         self.close()
         self.tracing = False
 
+    def cover(self, track_id: int, frame: int, grow: float = 1.0) -> np.ndarray:
+        """Paste alpha covering whatever an earlier pass may have written for this face
+        (its region, else the oval, at ``grow`` or less): what a re-render restores."""
+        alpha = self.oval(grow)[1]
+        if self.uses_landmarks and (track_id, frame) in self.records:
+            alpha = np.maximum(alpha, self.get(track_id, frame, None, grow)[1])
+        return alpha
+
     def oval(self, grow: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """The model's fixed oval (blurred faces, the ``oval`` preset), cached per growth."""
         if grow not in self._cache:

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from tqdm import tqdm
 
-from vidanon.diffusion.engine import Engine, EngineSettings
+from vidanon.diffusion.engine import Engine, EngineSettings, Inversions
 from vidanon.diffusion.models import FaceModel, ModelSpec, load_model
 from vidanon.errors import VidanonError
 from vidanon.keys import Key, Keyring
 from vidanon.masks import FaceMasks
 from vidanon.media import EncodeSettings, VideoInfo, VideoWriter, read_frames, read_span
-from vidanon.render import FaceJob, FrameRenderer, Observer
+from vidanon.render import Crops, FaceJob, FrameRenderer, Observer
 
 if TYPE_CHECKING:
     from vidanon.guard import PrivacyGuard
@@ -94,21 +94,23 @@ class Span:
 
 def _frame_renderer(model: FaceModel, settings: dict, keys: dict[int, Key], what: str,
                     masks: FaceMasks | None, grow: dict[int, float] | None,
-                    observer: Observer | None) -> FrameRenderer:
+                    observer: Observer | None, ready: Crops | None = None,
+                    keep: Crops | None = None,
+                    inversions: Inversions | None = None) -> FrameRenderer:
     """The keyed transform of ``what`` ("anonymize" or "recover") over a pass's faces."""
-    engine = Engine(model, engine_settings(model, settings))
+    engine = Engine(model, engine_settings(model, settings), inversions)
     transform = engine.anonymize if what == "anonymize" else engine.recover
     if masks is None:  # no traced regions: the model's fixed oval
         masks = FaceMasks(model.spec, "oval", float(settings["faces"]["feather"]))
     return FrameRenderer(model.spec, masks, transform, keys, engine.settings.batch_size,
-                         observer=observer, grow=grow)
+                         observer=observer, grow=grow, ready=ready, keep=keep)
 
 
 def render_video(src: Path, output: Path, info, model: FaceModel, settings: dict,
             keys: dict[int, Key], plan: dict[int, list[FaceJob]], what: str,
             quiet: bool, observer=None, grow: dict[int, float] | None = None,
             base: Path | None = None, span: Span | None = None,
-            masks: FaceMasks | None = None) -> None:
+            masks: FaceMasks | None = None, ready: Crops | None = None) -> None:
     """Decode ``src``, apply the keyed transform to the planned faces, encode to ``output``.
 
     ``what`` is "anonymize" or "recover"; both are the same keyed transform (an involution).
@@ -116,8 +118,9 @@ def render_video(src: Path, output: Path, info, model: FaceModel, settings: dict
     ``base``: an earlier output to paint the planned faces onto (cut from ``src``).
     ``span``: only these frames, into a segment file without audio (a Ray work unit); the
     whole output is then ``media.join_parts`` of the segments.
+    ``ready``: faces transformed already (a privacy-guard probe's), pasted as they are.
     """
-    renderer = _frame_renderer(model, settings, keys, what, masks, grow, observer)
+    renderer = _frame_renderer(model, settings, keys, what, masks, grow, observer, ready)
     with VideoWriter(output, info, _encode_settings(settings),
                      audio_from=src if span is None else None) as writer:
         if span is None:
@@ -153,6 +156,7 @@ class RenderPass:
     grow: dict[int, float] | None = None
     base: Path | None = None
     masks: FaceMasks | None = None  # traced before rendering; None: the fixed oval
+    ready: Crops | None = None  # faces a probe transformed already (``LocalRenderer`` only)
 
 
 def render_span(model: FaceModel, rp: RenderPass, span: Span, observer=None) -> None:
@@ -165,12 +169,15 @@ def render_span(model: FaceModel, rp: RenderPass, span: Span, observer=None) -> 
                  True, observer=observer, grow=rp.grow, base=rp.base, span=span, masks=rp.masks)
 
 
-def probe(model: FaceModel, rp: RenderPass, frames: list[int], observer: Observer) -> None:
+def probe(model: FaceModel, rp: RenderPass, frames: list[int], observer: Observer,
+          keep: Crops | None = None, inversions: Inversions | None = None) -> None:
     """Render the planned faces of ``frames`` only, in memory, for ``observer``; nothing is
     written. The privacy guard tries an escalation on a track's worst frames this way before
-    paying for a whole pass: a step that still matches there fails the track anyway."""
+    paying for a whole pass: a step that still matches there fails the track anyway.
+    ``keep`` collects the transformed faces, for the pass that writes them; ``inversions``
+    lets the next step's probe of the same frames skip their inversion."""
     renderer = _frame_renderer(model, rp.settings, rp.keys, "anonymize", rp.masks, rp.grow,
-                               observer)
+                               observer, keep=keep, inversions=inversions)
     want, last = set(frames), max(frames, default=-1)
     with contextlib.closing(read_frames(rp.src)) as decoded:
         picked = (f for f in itertools.takewhile(lambda f: f.index <= last, decoded)
@@ -193,7 +200,12 @@ class Renderer(Protocol):
     def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
         """Write ``rp.dst`` whole (audio included); the guard sees every replaced face."""
 
-    def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard) -> None:
+    # How many transformed faces a probe may hand to the next ``render`` as ``rp.ready``
+    # (0: ``render`` transforms every face itself, so probes stop at a track's worst frames).
+    ready_faces: int
+
+    def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard,
+              keep: Crops | None = None) -> None:
         """``passes.probe``: the guard sees the planned faces of ``frames``, rendered."""
 
     def end(self, error: BaseException | None) -> bool:
@@ -203,9 +215,12 @@ class Renderer(Protocol):
 class LocalRenderer:
     """The model in this process, each pass one decode-transform-encode loop over the video."""
 
+    ready_faces = 2048  # 128-px crops kept between a probe and a pass: ~100 MB
+
     def __init__(self, model_name: str | None, device: str) -> None:
         self.model = load_model(model_name, device=pick_device(device))
         self.spec = self.model.spec
+        self.inversions = Inversions()  # the guard's probes, step after step
 
     def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
         return None
@@ -216,10 +231,11 @@ class LocalRenderer:
     def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
         render_video(rp.src, rp.dst, rp.info, self.model, rp.settings, rp.keys, rp.plan,
                      "anonymize", quiet, observer=guard.observe if guard is not None else None,
-                     grow=rp.grow, base=rp.base, masks=rp.masks)
+                     grow=rp.grow, base=rp.base, masks=rp.masks, ready=rp.ready)
 
-    def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard) -> None:
-        probe(self.model, rp, frames, guard.observe)
+    def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard,
+              keep: Crops | None = None) -> None:
+        probe(self.model, rp, frames, guard.observe, keep, self.inversions)
 
     def end(self, error: BaseException | None) -> bool:
         return False

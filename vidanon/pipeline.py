@@ -233,7 +233,8 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
 def _timings(clock: dict, guard: PrivacyGuard | None, masks: FaceMasks, passes: dict) -> dict:
     """Where a run's time went; the guard's share is its embeddings plus its re-renders."""
     total = time.perf_counter() - clock["start"]
-    guard_s = (guard.seconds if guard else 0.0) + clock["escalated"] - clock["rendered"]
+    # The first pass's embeddings, then everything after it (re-renders embed too).
+    guard_s = passes["first_embed_s"] + clock["escalated"] - clock["rendered"]
     return {"total_s": round(total, 2),
             "detect_track_s": round(clock["tracked"] - clock["start"], 2),
             "render_s": round(clock["rendered"] - clock["tracked"], 2),

@@ -19,6 +19,7 @@ from vidanon.align import (
     frame_eye_px,
     from_tensor_batch,
     paste,
+    restore,
     to_tensor_batch,
     warp_crop,
 )
@@ -50,14 +51,22 @@ Observer = Callable[[list[tuple[int, int, float, bool]], list[np.ndarray], list[
                     None]
 
 
+# Transformed crops by (track id, frame index): what a privacy-guard probe rendered and
+# checked, kept so that the re-render pass pastes them instead of transforming them again.
+Crops = dict[tuple[int, int], np.ndarray]
+
+
 class FrameRenderer:
     """``masks`` gives each face its region (traced on the original crop, or read back from
-    the sidecar for recovery); ``grow`` enlarges the region of escalated tracks."""
+    the sidecar for recovery); ``grow`` enlarges the region of escalated tracks. ``ready``:
+    faces already transformed (pasted as they are); ``keep``: collects every transformed
+    face."""
 
     def __init__(self, spec: ModelSpec, masks: FaceMasks, transform: Transform,
                  keys: dict[int, Key], batch_size: int, max_window: int = MAX_WINDOW,
                  observer: Observer | None = None,
-                 grow: dict[int, float] | None = None) -> None:
+                 grow: dict[int, float] | None = None, ready: Crops | None = None,
+                 keep: Crops | None = None) -> None:
         self.spec = spec
         self.masks = masks
         self.transform = transform
@@ -66,10 +75,18 @@ class FrameRenderer:
         self.max_window = max_window
         self.observer = observer
         self.grow = grow or {}
+        self.ready = ready or {}
+        self.keep = keep
 
     def _flush(self, window: list[tuple[Frame, list[FaceJob], np.ndarray]]) -> Iterator[Frame]:
         crops, where, regions = [], [], []
         size = self.spec.crop_size
+        for frame, jobs, source in window:
+            if source is not frame.image:  # painting onto an earlier output: undo it first
+                for job in jobs:
+                    grow = self.grow.get(job.track_id, 1.0)
+                    restore(frame.image, source, job.matrix,
+                            self.masks.cover(job.track_id, frame.index, grow))
         for wi, (frame, jobs, source) in enumerate(window):
             for job in jobs:
                 if job.mode == "diffusion":
@@ -79,9 +96,17 @@ class FrameRenderer:
                     regions.append(self.masks.get(job.track_id, frame.index, crop,
                                                   self.grow.get(job.track_id, 1.0)))
         if crops:
-            x = to_tensor_batch(crops)
-            m = torch.from_numpy(np.stack([r[0] for r in regions]))[:, None]
-            y = from_tensor_batch(self.transform(x, m, [self.keys[j.track_id] for _, j in where]))
+            ids = [(j.track_id, window[wi][0].index) for wi, j in where]
+            y = [self.ready.get(k) for k in ids]
+            todo = [i for i, c in enumerate(y) if c is None]
+            if todo:
+                x = to_tensor_batch([crops[i] for i in todo])
+                m = torch.from_numpy(np.stack([regions[i][0] for i in todo]))[:, None]
+                out = self.transform(x, m, [self.keys[where[i][1].track_id] for i in todo])
+                for i, c in zip(todo, from_tensor_batch(out)):
+                    y[i] = c
+            if self.keep is not None:
+                self.keep.update(zip(ids, y))
             for (wi, job), crop, (_, alpha) in zip(where, y, regions):
                 paste(window[wi][0].image, crop, job.matrix, alpha)
             if self.observer is not None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vidanon import sidecar
+from vidanon.diffusion.engine import Inversions
 from vidanon.diffusion.models import FaceModel, ModelSpec, load_model
 from vidanon.errors import VidanonError
 from vidanon.guard import PrivacyGuard
@@ -36,7 +37,7 @@ from vidanon.keys import Key, KeyOpener, Keyring, KeySealer, StaleSession
 from vidanon.masks import FaceMasks
 from vidanon.media import frame_pts, join_parts
 from vidanon.passes import RenderPass, Span, check_device_name, probe
-from vidanon.render import batch_boundaries
+from vidanon.render import Crops, batch_boundaries
 from vidanon.units import Unit, UnitResult, WorkDir, choose_spans, unit_digest
 
 try:  # optional dependency: vidanon[ray]
@@ -405,12 +406,18 @@ class RayRenderer:
         self.work.start(job_id, self._input_sha, keep=self._resumed)
         return {"resume": str(self.work.path.resolve())}
 
-    def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard) -> None:
+    # The cluster renders every face of a pass itself: a probe on the driver's CPU tries a
+    # track's worst frames only, and hands nothing on.
+    ready_faces = 0
+
+    def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard,
+              keep: Crops | None = None) -> None:
         """On the driver, with its own copy of the model: a few crops are not worth a round
         trip through the cluster, and the keys they need stay here."""
         if self._probe_model is None:
             self._probe_model = load_model(self.pool.model_name, device="cpu")
-        probe(self._probe_model, rp, frames, guard.observe)
+            self._inversions = Inversions()
+        probe(self._probe_model, rp, frames, guard.observe, keep, self._inversions)
 
     def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
         assert self.work is not None

@@ -17,6 +17,8 @@ Why this is not the reference method's loop:
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,12 +117,57 @@ def anderson(g, u: torch.Tensor, iters: int, history: int = 3, tol: float = 0.0)
     return u
 
 
-class Engine:
-    """Batched anonymize / recover over aligned crops with one shared code path."""
+class Inversions:
+    """Inverted crops kept between engine calls, by the crop's and mask's bytes (LRU).
 
-    def __init__(self, model: FaceModel, settings: EngineSettings | None = None) -> None:
+    The inversion (background trajectory + masked inversion) is 80-90 % of a crop's UNet
+    calls and depends on the crop and the mask only, not on the key. The privacy guard tries
+    a larger mask and then a new key on the same frames of a track: with this memo the key
+    step only samples and decodes them again.
+    """
+
+    def __init__(self, max_bytes: int = 128 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self._items: OrderedDict[bytes, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()
+
+    @staticmethod
+    def key(crop: torch.Tensor, mask: torch.Tensor) -> bytes:
+        h = hashlib.blake2b(crop.numpy().tobytes(), digest_size=16)
+        h.update(mask.numpy().tobytes())
+        return h.digest()
+
+    def get(self, key: bytes) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+        return item
+
+    def put(self, key: bytes, zT: torch.Tensor, bg: list[torch.Tensor]) -> None:
+        size = zT.numel() * zT.element_size() * (1 + len(bg))
+        if key in self._items or size > self.max_bytes:
+            return
+        self._items[key] = (zT, bg)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (z, b) = self._items.popitem(last=False)
+            self.bytes -= z.numel() * z.element_size() * (1 + len(b))
+
+
+class Engine:
+    """Batched anonymize / recover over aligned crops with one shared code path.
+
+    ``inversions``: a memo shared between engines (the privacy guard's probes); None keeps
+    nothing, as a video pass never transforms the same crop twice.
+    """
+
+    def __init__(self, model: FaceModel, settings: EngineSettings | None = None,
+                 inversions: Inversions | None = None) -> None:
         self.model = model
         self.settings = settings or EngineSettings()
+        self.inversions = inversions
         self.ddim = DDIM(model.scheduler, self.settings.steps, self.settings.strength)
         self._flip_cache: dict[str, torch.Tensor] = {}
         self.evals = 0  # UNet evaluations summed over crops (inversion varies with tol)
@@ -223,19 +270,42 @@ class Engine:
         return z
 
     @torch.no_grad()
+    def _invert_crops(self, x: torch.Tensor, masks: torch.Tensor):
+        """Crops and pixel masks -> (inverted latents, background trajectory, latent mask)."""
+        sigma = self.settings.fill_sigma * self.model.spec.crop_size
+        filled = background_fill(x, masks, sigma)
+        z0 = self.model.encode(x).float()
+        zbg = self.model.encode(filled).float()
+        m = self.latent_mask(masks)
+        bg = self.background_trajectory(zbg)
+        return self.invert(z0, m, bg), bg, m
+
+    @torch.no_grad()
+    def _inverted(self, x: torch.Tensor, masks: torch.Tensor):
+        """``_invert_crops``, through the memo where there is one."""
+        memo = self.inversions
+        if memo is None:
+            return self._invert_crops(x, masks)
+        keys = [Inversions.key(x[i].cpu(), masks[i].cpu()) for i in range(x.shape[0])]
+        found = [memo.get(k) for k in keys]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            zT, bg, _ = self._invert_crops(x[todo], masks[todo])
+            for j, i in enumerate(todo):
+                found[i] = (zT[j].clone(), [b[j].clone() for b in bg])
+                memo.put(keys[i], *found[i])
+        zT = torch.stack([f[0] for f in found])
+        bg = [torch.stack([f[1][k] for f in found]) for k in range(len(found[0][1]))]
+        return zT, bg, self.latent_mask(masks)
+
+    @torch.no_grad()
     def _transform(self, x, masks, keys):
         model = self.model
         dev = model.device
         x = x.to(dev, torch.float32)
         self.crops += x.shape[0]
         masks = (masks.to(dev, torch.float32) > 0.5).float()
-        sigma = self.settings.fill_sigma * model.spec.crop_size
-        filled = background_fill(x, masks, sigma)
-        z0 = model.encode(x).float()
-        zbg = model.encode(filled).float()
-        m = self.latent_mask(masks)
-        bg = self.background_trajectory(zbg)
-        zT = self.invert(z0, m, bg)
+        zT, bg, m = self._inverted(x, masks)
         if keys is not None:
             s = self.flips(keys).to(dev)
             zT = zT * (m * s + (1 - m))
