@@ -272,6 +272,9 @@ def test_an_original_face_is_embedded_once_however_often_it_is_checked():
     g.forget([2])
     probe.observe([(1, 1, 60.0, False)], crops[:1], crops[:1])
     assert embedded[-2:] == [1, 1]  # track 1 forgotten: embedded again
+    other = [np.ones((8, 8, 3), np.uint8)]  # another video's face at the same (track, frame)
+    probe.observe([(1, 1, 60.0, False)], other, other)
+    assert embedded[-2:] == [1, 1]
 
 
 def test_a_re_rendered_face_starts_from_the_input_not_the_earlier_output():

@@ -28,6 +28,7 @@ from vidanon.cli import app  # noqa: E402
 from vidanon.config import load_settings  # noqa: E402
 from vidanon.keys import Key, Keyring, track_key  # noqa: E402
 from vidanon.media import cut, frame_pts, read_frames, read_span  # noqa: E402
+from vidanon.passes import LocalRenderer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # A strict guard (no blur floor) so the tiny model's faces are escalated: re-render passes
@@ -81,11 +82,15 @@ def long_video(tmp_path_factory) -> Path:
 
 
 def _single(inp: Path, out: Path, ring: Path, job=JOB) -> pipeline.RunResult:
+    """One machine, escalating as a cluster does (no faces handed from probes to passes,
+    no held tracks), so the outputs must agree bit for bit."""
     original = pipeline.new_job
     pipeline.new_job = lambda: job
     try:
         return pipeline.run(inp, out, ring, load_settings(None, OVERRIDES), "tiny-pixel",
-                            "cpu", quiet=True)
+                            "cpu", quiet=True,
+                            renderer=LocalRenderer("tiny-pixel", "cpu", ready_faces=0,
+                                                   hold=False))
     finally:
         pipeline.new_job = original
 

@@ -122,8 +122,9 @@ def paste(frame: np.ndarray, crop: np.ndarray, m: np.ndarray, alpha: np.ndarray)
 
 
 def restore(frame: np.ndarray, source: np.ndarray, m: np.ndarray, alpha: np.ndarray) -> None:
-    """Put ``source``'s own pixels back into ``frame`` where ``alpha`` (crop space) covers,
-    in place: a re-rendered face starts from the input, not from the face it replaces."""
+    """Put ``source``'s own pixels back into ``frame`` wherever ``alpha`` (crop space) is
+    above 0, in place: a re-rendered face starts from the input, not from the face it
+    replaces, and its pixels do not depend on what an earlier pass wrote there."""
     size = alpha.shape[0]
     x0, y0, x1, y1 = _footprint(m, size, frame.shape[:2])
     if x1 <= x0 or y1 <= y0:
@@ -132,10 +133,9 @@ def restore(frame: np.ndarray, source: np.ndarray, m: np.ndarray, alpha: np.ndar
     shift[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
     a = cv2.warpAffine(alpha, shift, (x1 - x0, y1 - y0),
                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)[..., None]
-    roi = frame[y0:y1, x0:x1].astype(np.float32)
-    src = source[y0:y1, x0:x1].astype(np.float32)
-    frame[y0:y1, x0:x1] = np.clip(roi + a * (src - roi) + 0.5, 0, 255).astype(np.uint8)
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    roi = frame[y0:y1, x0:x1]
+    roi[a > 0] = source[y0:y1, x0:x1][a > 0]
 
 
 def blur_face(frame: np.ndarray, m: np.ndarray, spec: ModelSpec, alpha: np.ndarray) -> None:

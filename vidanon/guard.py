@@ -15,6 +15,7 @@ that impostor pairs of the same size produce 1 time in 1,000. The table comes fr
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -110,11 +111,12 @@ class PrivacyGuard:
         self._embedder = FaceEmbedder()
         self._pts = template_points(self.spec)
         self._oval_alpha = FaceMasks(self.spec, "oval").oval(1.0)[1]
-        # Per (track, frame): the original crop's embedding (float16) and its similarity to
-        # its own blur. A face's original crop is the same in every pass, probe and
-        # re-render, so escalations embed only the new anonymized crop.
-        self._original: dict[tuple[int, int], np.ndarray] = {}
-        self._blurred: dict[tuple[int, int], float] = {}
+        # Per (track, frame, crop digest): the original crop's embedding (float16) and its
+        # similarity to its own blur. A face's original crop is the same in every pass,
+        # probe and re-render, so escalations embed only the new anonymized crop; the digest
+        # keeps a guard reused for another video (a Ray worker's) from ever mixing faces up.
+        self._original: dict[tuple[int, int, bytes], np.ndarray] = {}
+        self._blurred: dict[tuple[int, int, bytes], float] = {}
 
     def fresh(self) -> PrivacyGuard:
         """An empty guard with the same settings that shares this one's model and caches
@@ -142,7 +144,8 @@ class PrivacyGuard:
         private as the irreversible last resort. A blurred face is its own reference.
         """
         t0 = time.perf_counter()
-        ids = [(tid, f) for tid, f, _, _ in faces]
+        ids = [(tid, f, hashlib.blake2b(o.tobytes(), digest_size=12).digest())
+               for (tid, f, _, _), o in zip(faces, originals)]
         new = [i for i, k in enumerate(ids) if k not in self._original]
         for i, e in zip(new, self.embed([originals[i] for i in new])):
             self._original[ids[i]] = e.astype(np.float16)
@@ -187,6 +190,12 @@ class PrivacyGuard:
 
     def failing(self) -> list[int]:
         return sorted(t for t, c in self.tracks.items() if c.margin >= 0)
+
+    def failed(self, track_id: int) -> bool:
+        """Already failing: a pass need not transform the track's later faces, as the
+        escalation re-renders every one of them (``FrameRenderer.hold``)."""
+        c = self.tracks.get(track_id)
+        return c is not None and c.margin >= 0
 
     def forget(self, keep: list[int]) -> None:
         """Drop the per-frame records of every track but ``keep`` (those about to be

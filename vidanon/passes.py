@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -96,21 +97,23 @@ def _frame_renderer(model: FaceModel, settings: dict, keys: dict[int, Key], what
                     masks: FaceMasks | None, grow: dict[int, float] | None,
                     observer: Observer | None, ready: Crops | None = None,
                     keep: Crops | None = None,
-                    inversions: Inversions | None = None) -> FrameRenderer:
+                    inversions: Inversions | None = None,
+                    hold: Callable[[int], bool] | None = None) -> FrameRenderer:
     """The keyed transform of ``what`` ("anonymize" or "recover") over a pass's faces."""
     engine = Engine(model, engine_settings(model, settings), inversions)
     transform = engine.anonymize if what == "anonymize" else engine.recover
     if masks is None:  # no traced regions: the model's fixed oval
         masks = FaceMasks(model.spec, "oval", float(settings["faces"]["feather"]))
     return FrameRenderer(model.spec, masks, transform, keys, engine.settings.batch_size,
-                         observer=observer, grow=grow, ready=ready, keep=keep)
+                         observer=observer, grow=grow, ready=ready, keep=keep, hold=hold)
 
 
 def render_video(src: Path, output: Path, info, model: FaceModel, settings: dict,
             keys: dict[int, Key], plan: dict[int, list[FaceJob]], what: str,
             quiet: bool, observer=None, grow: dict[int, float] | None = None,
             base: Path | None = None, span: Span | None = None,
-            masks: FaceMasks | None = None, ready: Crops | None = None) -> None:
+            masks: FaceMasks | None = None, ready: Crops | None = None,
+            hold: Callable[[int], bool] | None = None) -> None:
     """Decode ``src``, apply the keyed transform to the planned faces, encode to ``output``.
 
     ``what`` is "anonymize" or "recover"; both are the same keyed transform (an involution).
@@ -118,9 +121,11 @@ def render_video(src: Path, output: Path, info, model: FaceModel, settings: dict
     ``base``: an earlier output to paint the planned faces onto (cut from ``src``).
     ``span``: only these frames, into a segment file without audio (a Ray work unit); the
     whole output is then ``media.join_parts`` of the segments.
-    ``ready``: faces transformed already (a privacy-guard probe's), pasted as they are.
+    ``ready``: faces transformed already (a privacy-guard probe's), pasted as they are;
+    ``hold``: tracks to stop transforming (``FrameRenderer``).
     """
-    renderer = _frame_renderer(model, settings, keys, what, masks, grow, observer, ready)
+    renderer = _frame_renderer(model, settings, keys, what, masks, grow, observer, ready,
+                               hold=hold)
     with VideoWriter(output, info, _encode_settings(settings),
                      audio_from=src if span is None else None) as writer:
         if span is None:
@@ -213,13 +218,20 @@ class Renderer(Protocol):
 
 
 class LocalRenderer:
-    """The model in this process, each pass one decode-transform-encode loop over the video."""
+    """The model in this process, each pass one decode-transform-encode loop over the video.
 
-    ready_faces = 2048  # 128-px crops kept between a probe and a pass: ~100 MB
+    ``ready_faces``: transformed faces a probe may hand to the next pass (128-px crops, 2048
+    ~100 MB); ``hold``: stop transforming a track once the guard has failed it in a pass.
+    Both save work on tracks the guard escalates; with 0 and False a run escalates exactly
+    as on a Ray cluster (``RayRenderer``), so the two outputs can be compared bit for bit.
+    """
 
-    def __init__(self, model_name: str | None, device: str) -> None:
+    def __init__(self, model_name: str | None, device: str, ready_faces: int = 2048,
+                 hold: bool = True) -> None:
         self.model = load_model(model_name, device=pick_device(device))
         self.spec = self.model.spec
+        self.ready_faces = ready_faces
+        self.hold = hold
         self.inversions = Inversions()  # the guard's probes, step after step
 
     def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
@@ -231,7 +243,8 @@ class LocalRenderer:
     def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:
         render_video(rp.src, rp.dst, rp.info, self.model, rp.settings, rp.keys, rp.plan,
                      "anonymize", quiet, observer=guard.observe if guard is not None else None,
-                     grow=rp.grow, base=rp.base, masks=rp.masks, ready=rp.ready)
+                     grow=rp.grow, base=rp.base, masks=rp.masks, ready=rp.ready,
+                     hold=guard.failed if guard is not None and self.hold else None)
 
     def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard,
               keep: Crops | None = None) -> None:

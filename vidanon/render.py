@@ -60,13 +60,16 @@ class FrameRenderer:
     """``masks`` gives each face its region (traced on the original crop, or read back from
     the sidecar for recovery); ``grow`` enlarges the region of escalated tracks. ``ready``:
     faces already transformed (pasted as they are); ``keep``: collects every transformed
-    face."""
+    face. ``hold``: tracks whose faces are not worth transforming any more in this pass
+    (the privacy guard has already failed them, so a later pass re-renders them whole):
+    they get a blur as a placeholder, unchecked."""
 
     def __init__(self, spec: ModelSpec, masks: FaceMasks, transform: Transform,
                  keys: dict[int, Key], batch_size: int, max_window: int = MAX_WINDOW,
                  observer: Observer | None = None,
                  grow: dict[int, float] | None = None, ready: Crops | None = None,
-                 keep: Crops | None = None) -> None:
+                 keep: Crops | None = None,
+                 hold: Callable[[int], bool] | None = None) -> None:
         self.spec = spec
         self.masks = masks
         self.transform = transform
@@ -77,6 +80,7 @@ class FrameRenderer:
         self.grow = grow or {}
         self.ready = ready or {}
         self.keep = keep
+        self.hold = hold
 
     def _flush(self, window: list[tuple[Frame, list[FaceJob], np.ndarray]]) -> Iterator[Frame]:
         crops, where, regions = [], [], []
@@ -89,7 +93,9 @@ class FrameRenderer:
                             self.masks.cover(job.track_id, frame.index, grow))
         for wi, (frame, jobs, source) in enumerate(window):
             for job in jobs:
-                if job.mode == "diffusion":
+                if job.mode == "diffusion" and self.hold and self.hold(job.track_id):
+                    blur_face(frame.image, job.matrix, self.spec, self.masks.oval(1.0)[1])
+                elif job.mode == "diffusion":
                     crop = warp_crop(source, job.matrix, size)
                     crops.append(crop)
                     where.append((wi, job))

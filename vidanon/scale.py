@@ -108,6 +108,7 @@ class SegmentWorker:
                 guard = self._guards[(unit.threshold, floor)] = PrivacyGuard(
                     self.model.spec, unit.threshold, blur_floor=floor)
             guard.tracks = {}
+            guard.forget([])  # per unit: its faces' records are the driver's to keep
         faces = unit.settings["faces"]
         masks = FaceMasks(self.model.spec, faces["mask"] if unit.masks else "oval",
                           float(faces["feather"]), tracing=False)
@@ -407,7 +408,8 @@ class RayRenderer:
         return {"resume": str(self.work.path.resolve())}
 
     # The cluster renders every face of a pass itself: a probe on the driver's CPU tries a
-    # track's worst frames only, and hands nothing on.
+    # track's worst frames only, and hands nothing on. Units run in parallel, so none can
+    # stop transforming a track that another unit has failed (``LocalRenderer.hold``).
     ready_faces = 0
 
     def probe(self, rp: RenderPass, frames: list[int], guard: PrivacyGuard,
