@@ -3,9 +3,9 @@
 A person who leaves and re-enters the scene gets a new track; with linking, both tracks use
 one key and so one pseudo-identity, which keeps the anonymized video coherent for viewers and
 for downstream analytics (re-identification across a scene still works on pseudo-faces).
-Embeddings come from MobileFaceNet (Apache-2.0, bundled ONNX, run by ONNX Runtime: 2.9 ms a
-face on one CPU core against OpenCV DNN's 6.9 ms batched, the same embeddings to 5e-6; the
-privacy guard embeds every face twice, so this is most of its cost).
+Embeddings come from MobileFaceNet (Apache-2.0, bundled ONNX, run by ONNX Runtime on one
+thread: 3.6 ms a face against OpenCV DNN's 6.9 ms batched on two, the same embeddings to
+5e-6; the privacy guard embeds every face, so this is much of its cost).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.736
 class FaceEmbedder:
     def __init__(self, model_path: Path = MOBILEFACENET) -> None:
         opts = ort.SessionOptions()
-        # No busy-waiting threads: the guard embeds between UNet batches, and spinning ORT
-        # threads would take the cores torch is about to use.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # One thread, no pool: two threads gain 3 % on this small network, would compete with
+        # torch's between UNet batches, and a pool's threads do not survive a fork (a forked
+        # child that frees an inherited session waits for them forever).
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
         self._net = ort.InferenceSession(str(model_path), opts,
                                          providers=["CPUExecutionProvider"])
         self._input = self._net.get_inputs()[0].name
