@@ -98,42 +98,44 @@ def _footprint(m: np.ndarray, size: int, shape: tuple[int, int]) -> tuple[int, i
     return max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
 
 
-def paste(frame: np.ndarray, crop: np.ndarray, m: np.ndarray, alpha: np.ndarray) -> None:
-    """Blend ``crop`` (uint8 BGR, crop space) into ``frame`` in place through the inverse of m.
-
-    Works on the face's bounding box only, so cost scales with face size, not frame size.
-    """
-    size = crop.shape[0]
-    x0, y0, x1, y1 = _footprint(m, size, frame.shape[:2])
+def _alpha_in_frame(frame: np.ndarray, m: np.ndarray, alpha: np.ndarray):
+    """The face's bounding box in ``frame`` (x0, y0, x1, y1), the box's crop matrix, and
+    ``alpha`` (crop space) warped into the box; None when the face lies outside the frame.
+    Working on the box only keeps the cost with the face's size, not the frame's."""
+    x0, y0, x1, y1 = _footprint(m, alpha.shape[0], frame.shape[:2])
     if x1 <= x0 or y1 <= y0:
-        return
-    # Frame ROI pixel (u, v) -> crop: m @ (u + x0, v + y0, 1); warp with WARP_INVERSE_MAP.
+        return None
+    # Box pixel (u, v) -> crop: m @ (u + x0, v + y0, 1); warp with WARP_INVERSE_MAP.
     shift = m.copy()
     shift[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
-    dsize = (x1 - x0, y1 - y0)
-    flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP
-    patch = cv2.warpAffine(crop, shift, dsize, flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    a = cv2.warpAffine(alpha, shift, dsize, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)[..., None]
+    a = cv2.warpAffine(alpha, shift, (x1 - x0, y1 - y0),
+                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return (x0, y0, x1, y1), shift, a
+
+
+def paste(frame: np.ndarray, crop: np.ndarray, m: np.ndarray, alpha: np.ndarray) -> None:
+    """Blend ``crop`` (uint8 BGR, crop space) into ``frame`` in place through the inverse of m."""
+    box = _alpha_in_frame(frame, m, alpha)
+    if box is None:
+        return
+    (x0, y0, x1, y1), shift, a = box
+    patch = cv2.warpAffine(crop, shift, (x1 - x0, y1 - y0),
+                           flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_REPLICATE)
     roi = frame[y0:y1, x0:x1].astype(np.float32)
-    frame[y0:y1, x0:x1] = np.clip(roi + a * (patch.astype(np.float32) - roi) + 0.5, 0, 255).astype(
-        np.uint8
-    )
+    frame[y0:y1, x0:x1] = np.clip(roi + a[..., None] * (patch.astype(np.float32) - roi) + 0.5,
+                                  0, 255).astype(np.uint8)
 
 
 def restore(frame: np.ndarray, source: np.ndarray, m: np.ndarray, alpha: np.ndarray) -> None:
     """Put ``source``'s own pixels back into ``frame`` wherever ``alpha`` (crop space) is
     above 0, in place: a re-rendered face starts from the input, not from the face it
     replaces, and its pixels do not depend on what an earlier pass wrote there."""
-    size = alpha.shape[0]
-    x0, y0, x1, y1 = _footprint(m, size, frame.shape[:2])
-    if x1 <= x0 or y1 <= y0:
+    box = _alpha_in_frame(frame, m, alpha)
+    if box is None:
         return
-    shift = m.copy()
-    shift[:, 2] += m[:, :2] @ np.array([x0, y0], np.float64)
-    a = cv2.warpAffine(alpha, shift, (x1 - x0, y1 - y0),
-                       flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    (x0, y0, x1, y1), _, a = box
     roi = frame[y0:y1, x0:x1]
     roi[a > 0] = source[y0:y1, x0:x1][a > 0]
 

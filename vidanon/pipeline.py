@@ -231,7 +231,10 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
 
 
 def _timings(clock: dict, guard: PrivacyGuard | None, masks: FaceMasks, passes: dict) -> dict:
-    """Where a run's time went; the guard's share is its embeddings plus its re-renders."""
+    """Where a run's time went. ``guard_share``: the guard's first-pass embeddings plus all
+    time after the first pass, over the run. It overstates the cost: the first pass
+    skips the tracks the guard fails (their faces are rendered once, after it). Its cost
+    proper is the difference to a ``--no-verify`` run (``benchmarks/guard_cost.py``)."""
     total = time.perf_counter() - clock["start"]
     # The first pass's embeddings, then everything after it (re-renders embed too).
     guard_s = passes["first_embed_s"] + clock["escalated"] - clock["rendered"]

@@ -12,6 +12,10 @@ next one, having cost only the frames tried; a step that passes every frame has 
 whole track, and the re-render pass pastes those faces instead of transforming them again
 (it still checks every written face). Where the renderer renders every face itself
 (``Renderer.ready_faces`` 0: a Ray cluster), only the 3 worst frames are tried per step.
+
+A pass also stops transforming a track as soon as the guard fails it (``LocalRenderer.hold``):
+the escalation re-renders all of its faces anyway. So on a crowd the guard's run can take no
+longer than ``--no-verify`` (``benchmarks/guard_cost.py``).
 """
 
 from __future__ import annotations
