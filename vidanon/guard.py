@@ -155,7 +155,7 @@ class PrivacyGuard:
         if self.blur_floor:
             blurred = np.array([b for _, _, _, b in faces], bool)
             ref = np.where(blurred, sims, -1.0)
-            check = [i for i in np.flatnonzero((sims >= thr) & ~blurred)]
+            check = list(np.flatnonzero((sims >= thr) & ~blurred))
             new = [i for i in check if ids[i] not in self._blurred]
             if new:
                 for i, r in zip(new, self.blur_reference([originals[i] for i in new], emb[new])):

@@ -379,6 +379,7 @@ class RayRenderer:
         self._pts: list[int] | None = None
         self._pts_read = False
         self._probe_model: FaceModel | None = None
+        self._inversions = Inversions()  # the probes', step after step
 
     def begin(self, inp: Path, output: Path, ring: Keyring) -> tuple[str, Key] | None:
         """Continue the unfinished job in ``<output>.vidanon-work`` if the keyring still
@@ -418,7 +419,6 @@ class RayRenderer:
         trip through the cluster, and the keys they need stay here."""
         if self._probe_model is None:
             self._probe_model = load_model(self.pool.model_name, device="cpu")
-            self._inversions = Inversions()
         probe(self._probe_model, rp, frames, guard.observe, keep, self._inversions)
 
     def render(self, rp: RenderPass, guard: PrivacyGuard | None, quiet: bool) -> None:

@@ -92,11 +92,11 @@ def _try_steps(renderer: Renderer, first: RenderPass, guard: PrivacyGuard,
     trying = [t for t in tracks if not esc.blurred(t)]
     while trying:
         want = {t: set(order[t][done[t]:done[t] + size[t]]) for t in trying}
+        # Only the frames tried, not the whole plan: tracks still trying are never blurred,
+        # so their jobs are the first pass's as they are.
         plan: dict[int, list[FaceJob]] = {}
-        for f, jobs in escalated_plan(first.plan, esc).items():
-            picked = [j for j in jobs if j.track_id in want and f in want[j.track_id]]
-            if picked:
-                plan[f] = picked
+        for f in sorted(set().union(*want.values())):
+            plan[f] = [j for j in first.plan[f] if f in want.get(j.track_id, ())]
         probe.tracks = {}
         kept: Crops | None = {} if budget > 0 else None
         renderer.probe(replace(first, plan=plan, keys=keys_now(),
