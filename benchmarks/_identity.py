@@ -21,14 +21,25 @@ import torch
 from vidanon.diffusion.models import ModelSpec, template_points
 from vidanon.identity import FaceEmbedder
 from vidanon.prior.data import load_dataset
+from vidanon.prior.template import detect_landmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 FACES128 = ROOT.parent / "shared" / "data" / "faces" / "utkface_crop128.npz"
 UTK_TEMPLATE = [[0.2694, 0.2462], [0.6912, 0.2531], [0.4663, 0.472],
                 [0.2901, 0.6552], [0.6425, 0.6655]]
 
+DETECT_PX = 128  # YuNet needs more than 64 px; the template was measured at 128 px too
 DLIB_SIZE = 256  # crops are upscaled to this before dlib; its chips are 150 px
 UTK_SPEC = ModelSpec("utk128", "pixel", 128, (3, 128, 128), UTK_TEMPLATE, [0.5, 0.5, 0.4, 0.45])
+
+
+def face_rate(faces_rgb: np.ndarray) -> float:
+    """Share of images (uint8 RGB) in which the pipeline's detector, YuNet, finds a face:
+    a sample or a replacement that it misses is not a face to an onlooker either."""
+    big = np.stack([cv2.resize(f, (DETECT_PX, DETECT_PX), interpolation=cv2.INTER_CUBIC)
+                    for f in faces_rgb])
+    found = ~np.isnan(detect_landmarks(big)).any(axis=(1, 2))
+    return float(found.mean())
 
 
 def to_uint8_rgb(crops: torch.Tensor) -> np.ndarray:

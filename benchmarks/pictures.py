@@ -56,7 +56,8 @@ def triptych(images: list[np.ndarray], names: list[str], gap: int = 4) -> np.nda
     return np.concatenate(parts, axis=1)
 
 
-def make(clip: Path, settings: dict, seconds: float, frame: int, close_up: bool) -> list[Path]:
+def make(clip: Path, settings: dict, seconds: float, frame: int, close_up: bool,
+         docs: Path = DOCS) -> list[Path]:
     src = source_clip(clip, seconds)
     work = Path(tempfile.mkdtemp())
     try:
@@ -69,7 +70,7 @@ def make(clip: Path, settings: dict, seconds: float, frame: int, close_up: bool)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     names = ["original", "anonymized", "recovered (key)"]
-    out = [DOCS / f"sidebyside_{clip.stem}.png"]
+    out = [docs / f"sidebyside_{clip.stem}.png"]
     cv2.imwrite(str(out[0]), triptych(imgs, names))
     if close_up:
         # Around the largest face that the sidecar lists in this frame.
@@ -85,7 +86,7 @@ def make(clip: Path, settings: dict, seconds: float, frame: int, close_up: bool)
             x1, y1 = min(int(c[0]) + half, w), min(int(c[1]) + half, h)
             crops = [cv2.resize(im[y0:y1, x0:x1], (384, int(384 * (y1 - y0) / (x1 - x0))),
                                 interpolation=cv2.INTER_AREA) for im in imgs]
-            out.append(DOCS / f"sidebyside_{clip.stem}_face.png")
+            out.append(docs / f"sidebyside_{clip.stem}_face.png")
             cv2.imwrite(str(out[1]), triptych(crops, names))
     return out
 
@@ -96,11 +97,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--frame", type=int, default=12)
+    ap.add_argument("--out-dir", type=Path, default=DOCS, help="where the PNGs go")
     a = ap.parse_args(argv)
+    a.out_dir.mkdir(parents=True, exist_ok=True)
     settings = load_settings(a.config, a.sets)
     for clip, close in ((VIDEOS / "head_motion_a.mp4", True), (ROOT / "samples" / "crowd.mp4",
                                                                  True)):
-        for p in make(clip, settings, a.seconds, a.frame, close):
+        for p in make(clip, settings, a.seconds, a.frame, close, a.out_dir):
             print(p)
 
 

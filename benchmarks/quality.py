@@ -29,7 +29,13 @@ import numpy as np
 import torch
 
 from benchmarks._common import VIDEOS, machine, write_results
-from benchmarks._identity import cached_thresholds, identity_models
+from benchmarks._identity import (
+    FACES128,
+    cached_thresholds,
+    face_rate,
+    identity_models,
+    to_uint8_rgb,
+)
 from vidanon.align import crop_transform, frame_eye_px, oval_mask, to_tensor_batch, warp_crop
 from vidanon.config import load_settings
 from vidanon.diffusion.engine import Engine, _blur, background_fill, psnr
@@ -41,7 +47,7 @@ from vidanon.pipeline import detect_and_track
 from vidanon.prior.data import load_dataset, split_indices
 
 ROOT = Path(__file__).resolve().parents[1]
-FACES = ROOT.parent / "shared" / "data" / "faces" / "utkface_crop128.npz"
+FACES = FACES128
 OUT = ROOT / "benchmarks" / "results" / "quality.json"
 CLIPS = ["audience_multi_face_640x360.mp4", "walking_single_person_608x1080.mp4",
          "head_motion_a.mp4", "head_motion_b.mp4", "talking_head_512.mp4"]
@@ -72,7 +78,8 @@ def smoothness_attack(eng: Engine, anon: torch.Tensor, masks: torch.Tensor) -> t
     (assume the original noise was spatially smoother than the flipped one) and sample."""
     zt, m, bg = _inverted(eng, anon, masks)
     guess = torch.sign(_blur(zt, 1.0)) * torch.sign(zt)  # flip where a point disagrees locally
-    return _decode(eng, eng.sample(zt * (m * guess + (1 - m)), m, bg))
+    inv = 1.0 / eng.mix[0]  # public, in the sidecar: the attacker divides it out
+    return _decode(eng, eng.sample(zt * (m * guess * inv + (1 - m)), m, bg))
 
 
 @torch.no_grad()
@@ -90,7 +97,9 @@ def icm_attack(eng: Engine, anon: torch.Tensor, masks: torch.Tensor,
         v = s * zt * m
         neighbours = _blur(v, sigma) - centre * v
         s = torch.where(m > 0, torch.sign(zt * neighbours + 1e-12), torch.ones_like(zt))
-    return tuple(_decode(eng, eng.sample(zt * (m * s * g + (1 - m)), m, bg)) for g in (1, -1))
+    inv = 1.0 / eng.mix[0]  # the key's anchor noise is unknown to the attacker: left in
+    return tuple(_decode(eng, eng.sample(zt * (m * s * g * inv + (1 - m)), m, bg))
+                 for g in (1, -1))
 
 
 def heldout_faces(spec: ModelSpec) -> torch.Tensor:
@@ -167,6 +176,8 @@ def evaluate(eng: Engine, x: torch.Tensor, ids: list, refs: dict, thresholds: di
             row[idm.name] = {"mean_cos": round(float(cos.mean()), 4),
                              "above": round(float((cos >= thresholds[idm.name]).mean()), 4)}
         yy = y[0] if isinstance(y, tuple) else y
+        # Does it still look like a face to a detector (YuNet, as for the prior's samples)?
+        row["face_found"] = round(face_rate(to_uint8_rgb(yy)), 4)
         row["face_psnr_db"] = round(psnr(yy, x, mask=masks), 2)
         row["background_psnr_db"] = round(psnr(yy, x, mask=1 - masks), 2)
         rows[name] = row
@@ -228,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         "weights_sha256": spec.weights_sha256,
         "config": a.config or "default",
         "steps": es.steps, "refine": es.refine, "strength": es.strength,
+        "temperature": es.temperature, "anchor": es.anchor,
         "unet_calls_per_crop": eng.unet_calls_per_crop,
         "mean_unet_calls_per_crop": round(eng.mean_unet_calls_per_crop, 1),
         "identity_models": identity,
@@ -247,7 +259,9 @@ def markdown(r: dict) -> str:
         "",
         f"`python -m benchmarks.quality --config {r['config']}`: model `{r['model']}` (weights "
         f"`{r['weights_sha256'][:12]}`), {r['steps']} DDIM steps, refine {r['refine']}, "
-        f"strength {r['strength']}, at most {r['unet_calls_per_crop']} UNet calls per crop "
+        f"strength {r['strength']}, temperature {r.get('temperature', 1.0)}, "
+        f"anchor {r.get('anchor', 0.0)}, "
+        f"at most {r['unet_calls_per_crop']} UNet calls per crop "
         f"(mean {r.get('mean_unet_calls_per_crop', '?')} over all transforms); commit "
         f"`{r['machine']['commit']}`, {r['machine']['cpu']}. Thresholds at FAR 0.1 % over "
         f"impostor pairs of sharp 128-px faces of different adults: {thr}. *Above* = share "
@@ -255,7 +269,9 @@ def markdown(r: dict) -> str:
         "to their own original passes the threshold: lower is better for anonymized, "
         "wrong-key and attack rows (privacy); higher is better for *recovered (right key)* "
         "(TAR@FAR=0.1 %). Recovery and attacks start from the anonymized crop rounded to 8 "
-        "bits, as a video frame holds it. PSNR over the face oval / the rest of the crop.",
+        "bits, as a video frame holds it. *Face found*: share of outputs in which YuNet "
+        "finds a face (is the replacement a face at all?). PSNR over the face oval / the "
+        "rest of the crop.",
     ]
     for set_name, s in r["sets"].items():
         lines += ["", f"### {set_name}: {s['faces']} faces"
@@ -266,11 +282,12 @@ def markdown(r: dict) -> str:
                       + ", ".join(f"{n} TAR {100 * v:.1f} %" for n, v in s["clean_tar"].items())
                       + ".", ""]
         head = "| condition | " + " | ".join(f"{n} mean cos | {n} above" for n in names)
-        lines += [head + " | face PSNR dB | background PSNR dB |",
-                  "|---" * (1 + 2 * len(names) + 2) + "|"]
+        lines += [head + " | face found | face PSNR dB | background PSNR dB |",
+                  "|---" * (1 + 2 * len(names) + 3) + "|"]
         for cond, c in s["conditions"].items():
             cells = " | ".join(f"{c[n]['mean_cos']} | {100 * c[n]['above']:.1f} %" for n in names)
-            lines.append(f"| {cond} | {cells} | {c['face_psnr_db']} | "
+            found = f"{100 * c['face_found']:.1f} %" if "face_found" in c else "-"
+            lines.append(f"| {cond} | {cells} | {found} | {c['face_psnr_db']} | "
                          f"{c['background_psnr_db']} |")
         lines += ["", f"CPU time to anonymize: {s['anonymize_s_per_crop']} s per crop."]
     lines.append("")

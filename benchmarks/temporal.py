@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--video", type=Path, action="append", default=None)
     ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="a setting for this run, e.g. diffusion.temperature=0.8")
     ap.add_argument("--model", default=None)
     ap.add_argument("--min-frames", type=int, default=10)
     ap.add_argument("--out", type=Path, default=OUT)
@@ -135,13 +137,14 @@ def main(argv: list[str] | None = None) -> dict:
     spec = load_model(a.model).spec
     emb = FaceEmbedder()
     pts = template_points(spec)
-    per_video = []
+    per_video, used = [], {}
     for video in videos:
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
             res = run(video, Path(tmp) / "anon.mp4", Path(tmp) / "ring.json",
-                      load_settings(a.config), a.model, quiet=True)
+                      load_settings(a.config, a.overrides), a.model, quiet=True)
             doc = sidecar.read(res.sidecar)
+            used = doc["settings"]["diffusion"]
             for tr in doc["tracks"]:
                 if len(tr["frames"]) < a.min_frames:
                     continue
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "tracks_total": len(doc["tracks"]), "tracks": rows,
                               "utility": utility(video, res.output, doc, spec)})
     result = {"machine": machine(), "model": spec.name, "config": a.config or "default",
+              "overrides": a.overrides, "settings": used,
               "videos": per_video}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
@@ -173,7 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
 def markdown(r: dict, min_frames: int) -> str:
     md = ["## Temporal consistency and utility", "",
           f"`python -m benchmarks.temporal --config {r['config']}`, model `{r['model']}`, "
-          f"commit `{r['machine']['commit']}`. Per track with ≥ {min_frames} frames: mean "
+          f"commit `{r['machine']['commit']}`"
+          + "".join(f", {k} {r.get('settings', {}).get(k)}" for k in ("temperature", "anchor")
+                    if k in r.get("settings", {}))
+          + f". Per track with ≥ {min_frames} frames: mean "
           "identity cosine (MobileFaceNet) between the track's faces at different frames "
           "(original vs anonymized: a consistent pseudo-identity keeps it high), flicker (mean "
           "absolute change between consecutive aligned crops, 0-255), and coverage (replaced / "

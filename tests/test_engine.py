@@ -164,6 +164,52 @@ def test_strength_starts_the_schedule_lower_and_still_inverts(pixel):
     assert psnr(eng.recover(anon, m, keys), x, mask=m) > psnr(anon, x, mask=m) + 20
 
 
+def test_temperature_is_divided_out_on_recovery_and_only_there(pixel):
+    # anonymize scales the flipped face noise by tau, recover by 1/tau: still an exact inverse,
+    # but no longer an involution, and a different output from tau = 1 for the same key.
+    x, m, keys = _faces(32), _masks(pixel), _keys()
+    cold = Engine(pixel, EngineSettings(steps=6, refine=3, temperature=0.5))
+    anon = cold.anonymize(x, m, keys)
+    rec = cold.recover(anon, m, keys)
+    assert psnr(rec, x, mask=m) > psnr(anon, x, mask=m) + 20
+    twice = cold.anonymize(anon, m, keys)
+    assert psnr(twice, x, mask=m) < psnr(rec, x, mask=m) - 10
+    unit = Engine(pixel, EngineSettings(steps=6, refine=3)).anonymize(x, m, keys)
+    assert psnr(unit, anon, mask=m) < 40
+    assert (anon - x).abs().mul(1 - m).max() < 1e-4  # the background is untouched
+
+
+def test_anchor_is_shared_by_a_tracks_frames_and_taken_away_on_recovery(pixel):
+    # Two unrelated noises mapped with one key: their images correlate by w (the anchor's
+    # share of the variance), the pseudo-identity that every frame of a track shares.
+    eng = Engine(pixel, EngineSettings(steps=4, refine=3, temperature=0.8, anchor=0.5))
+    g = torch.Generator().manual_seed(3)
+    shape = (2, *pixel.spec.latent_shape)
+    z, m = torch.randn(shape, generator=g), torch.ones(shape)
+    key = _keys(1) * 2
+    a, b = eng.mix
+    assert abs(a**2 + b**2 - 0.64) < 1e-6 and abs(b**2 / 0.64 - 0.5) < 1e-6
+    y = eng.keyed_noise(z, m, key, forward=True)
+    corr = float(torch.corrcoef(y.flatten(1))[0, 1])
+    assert 0.4 < corr < 0.6, corr
+    plain = Engine(pixel, EngineSettings(temperature=0.8)).keyed_noise(z, m, key, forward=True)
+    assert abs(float(torch.corrcoef(plain.flatten(1))[0, 1])) < 0.1
+    assert torch.allclose(eng.keyed_noise(y, m, key, forward=False), z, atol=1e-5)
+    half = m.clone()
+    half[..., :5] = 0
+    assert torch.equal(eng.keyed_noise(z, half, key, forward=True)[..., :5], z[..., :5])
+    # End to end. The random tiny model inverts to noise of RMS ~0.05, not ~1 as a trained
+    # prior does, so only a small anchor leaves its clamped output unsaturated.
+    x, mm, keys = _faces(32), _masks(pixel), _keys()
+    eng = Engine(pixel, EngineSettings(steps=4, refine=3, temperature=0.8, anchor=0.002))
+    anon = eng.anonymize(x, mm, keys)
+    rec = psnr(eng.recover(anon, mm, keys), x, mask=mm)
+    no_anchor = Engine(pixel, EngineSettings(steps=4, refine=3, temperature=0.8))
+    assert rec > psnr(anon, x, mask=mm) + 8
+    assert rec > psnr(no_anchor.recover(anon, mm, keys), x, mask=mm) + 5  # anchor taken away
+    assert rec > psnr(eng.recover(anon, mm, _keys(seed=5)), x, mask=mm) + 5
+
+
 def test_inversion_memo_serves_a_new_key_without_inverting_again(pixel):
     # The privacy guard tries a new key on frames it already inverted for the larger mask.
     from vidanon.diffusion.engine import Inversions

@@ -14,6 +14,7 @@ from vidanon.keys import (
     Key,
     Keyring,
     export_track_key,
+    anchor_noise,
     flip_signs,
     read_track_key,
     track_key,
@@ -72,6 +73,22 @@ def test_flip_vector_balanced_stable_and_avalanche():
     s2 = flip_signs(Key(bytes(raw)), shape)
     frac = float((s != s2).mean())
     assert 0.45 < frac < 0.55
+
+
+def test_anchor_noise_is_standard_normal_stable_and_keyed():
+    shape = (32, 16, 16)
+    k = track_key(MASTER, JOB, 1)
+    n = anchor_noise(k, shape)
+    assert n.shape == shape and n.dtype == np.float32
+    assert abs(n.mean()) < 0.05 and abs(n.std() - 1) < 0.05  # 8192 draws
+    assert abs(float(np.mean(np.abs(n) > 1.96)) - 0.05) < 0.015  # normal tails, not uniform
+    # Pinned values: recovery years later must draw the same noise on any platform.
+    assert np.allclose(anchor_noise(k, (3, 2, 2)).ravel()[:6],
+                       [-1.7969, 0.4392, 0.1029, 0.3597, -0.4056, 0.4816], atol=1e-4)
+    other = anchor_noise(track_key(MASTER, JOB, 2), shape)
+    assert abs(np.corrcoef(n.ravel(), other.ravel())[0, 1]) < 0.05  # another track: unrelated
+    flips = flip_signs(k, shape)  # the flip and the anchor of one key are unrelated too
+    assert abs(np.corrcoef(n.ravel(), flips.ravel())[0, 1]) < 0.05
 
 
 def test_keyring_mode_roundtrip_and_encryption(tmp_path):

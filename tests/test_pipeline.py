@@ -41,7 +41,9 @@ def done(clip, tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     ring = d / "ring.json"
     out = d / "crowd12.anon.mp4"
-    res = runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring), *FAST])
+    # A temperature below 1 (as the bundled prior recommends): recovery must divide it out.
+    res = runner.invoke(app, ["run", str(clip), "-o", str(out), "--keyring", str(ring), *FAST,
+                              "--set", "diffusion.temperature=0.8"])
     assert res.exit_code == 0, res.output
     return clip, out, ring, res.output
 
@@ -98,6 +100,7 @@ def test_regression_against_stored_expectations(done):
     doc = sidecar.read(sidecar.sidecar_path(out))
     # the model-dependent default is resolved and recorded, so recovery reuses it
     assert doc["settings"]["diffusion"]["strength"] == 1.0  # tiny-pixel recommends none
+    assert doc["settings"]["diffusion"]["temperature"] == 0.8  # as set, for recovery
     exp = json.loads(EXPECTED.read_text())
     counts = [0] * 12
     for tr in doc["tracks"]:

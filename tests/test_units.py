@@ -18,6 +18,7 @@ def test_presets_layer_and_overrides_are_checked():
     assert s["detect"]["scale"] == 2.0 and s["diffusion"]["steps"] == 3
     assert s["encode"]["lossless"] is True and s["diffusion"]["refine"] == 4  # default.yaml
     assert s["diffusion"]["strength"] is None  # resolved from the model at run time
+    assert s["diffusion"]["temperature"] is None and s["diffusion"]["anchor"] is None
     # recoverable (lossless) by default; the publish preset trades that for small files
     assert load_settings()["encode"]["lossless"] is True
     assert load_settings("publish")["encode"]["lossless"] is False
@@ -25,6 +26,22 @@ def test_presets_layer_and_overrides_are_checked():
         load_settings(None, ["diffusion.stpes=3"])
     with pytest.raises(VidanonError, match="no preset"):
         load_settings("nonexistent")
+
+
+def test_model_defaults_fill_only_what_the_preset_leaves_null():
+    from dataclasses import replace
+
+    from vidanon.passes import resolve_diffusion
+
+    spec = tiny_pixel().spec
+    s = load_settings(None, ["diffusion.strength=0.5"])
+    bare = resolve_diffusion(spec, s)["diffusion"]
+    assert bare["strength"] == 0.5 and bare["temperature"] == 1.0  # the model says nothing
+    assert bare["anchor"] == 0.0
+    rec = replace(spec, extra={**spec.extra, "engine": {"strength": 1.0, "temperature": 0.7}})
+    got = resolve_diffusion(rec, s)["diffusion"]
+    assert got["strength"] == 0.5 and got["temperature"] == 0.7  # the preset wins over it
+    assert s["diffusion"]["temperature"] is None  # the caller's settings are not modified
 
 
 def test_gap_fill_interpolates_and_padding_holds_pose():

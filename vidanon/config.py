@@ -54,6 +54,8 @@ class DiffusionSettings(_Section):
     refine: int = Field(ge=0, le=1000)
     tol: float = Field(default=0.0, ge=0)
     strength: float | None = Field(default=None, gt=0, le=1)
+    temperature: float | None = Field(default=None, gt=0, le=1)
+    anchor: float | None = Field(default=None, ge=0, lt=1)
     batch_size: int = Field(ge=1, le=4096)
 
 

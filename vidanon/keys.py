@@ -121,6 +121,23 @@ def flip_signs(key: Key, shape: tuple[int, ...]) -> np.ndarray:
     return (bits.astype(np.float32) * 2.0 - 1.0).reshape(shape)
 
 
+def anchor_noise(key: Key, shape: tuple[int, ...]) -> np.ndarray:
+    """The track's pseudo-identity: standard normal noise of ``shape`` (float32) from the key.
+
+    Box-Muller over a ChaCha20 keystream (not numpy's or torch's generators, whose streams
+    may change between releases: recovery years later must draw the very same noise).
+    """
+    n = int(np.prod(shape))
+    half = (n + 1) // 2
+    nonce = hashlib.sha256(("anchor:" + "x".join(map(str, shape))).encode()).digest()[:16]
+    enc = Cipher(algorithms.ChaCha20(key.derive("anchor", 32), nonce), mode=None).encryptor()
+    words = np.frombuffer(enc.update(b"\x00" * (8 * half)), dtype="<u4").astype(np.float64)
+    u = (words + 0.5) / 2.0**32  # in (0, 1): log never sees 0
+    r, theta = np.sqrt(-2.0 * np.log(u[:half])), 2.0 * np.pi * u[half:]
+    z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:n]
+    return z.astype(np.float32).reshape(shape)
+
+
 def mac(key: Key, payload: bytes) -> str:
     """Tag for a sidecar body under a key derived for that purpose only."""
     return hmac.new(key.derive("sidecar-mac", 32), payload, hashlib.sha256).hexdigest()

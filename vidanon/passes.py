@@ -52,27 +52,31 @@ def pick_device(device: str = "auto") -> str:
 
 def engine_settings(model: FaceModel, settings: dict) -> EngineSettings:
     """The engine a preset describes for this model (benchmarks build theirs here too)."""
-    d = settings["diffusion"]
+    d = resolve_diffusion(model.spec, settings)["diffusion"]
     return EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
-                          tol=float(d.get("tol", 0.0)), strength=engine_strength(model, settings),
+                          tol=float(d.get("tol", 0.0)), strength=float(d["strength"]),
+                          temperature=float(d["temperature"]), anchor=float(d["anchor"]),
                           batch_size=int(d["batch_size"]))
 
 
-def engine_strength(model: FaceModel, settings: dict) -> float:
-    """The configured strength, else the one the model was exported with, else 1.0.
+# Settings a model recommends when the preset leaves them null, and what applies when
+# neither says (also what sidecars written before the setting existed were made with).
+MODEL_DEFAULTS = {"strength": 1.0, "temperature": 1.0, "anchor": 0.0}
 
-    Stored resolved in the sidecar, so recovery uses the same schedule even if the model's
-    recommendation changes later.
+
+def resolve_diffusion(spec: ModelSpec, settings: dict) -> dict:
+    """``settings`` with every null model-dependent diffusion setting taken from the model.
+
+    Resolved before anything is rendered and stored that way in the sidecar, so recovery
+    uses the same schedule and noise scale even if the model's recommendation changes later.
+    Works from the spec alone: a Ray driver never loads the model.
     """
-    return spec_strength(model.spec, settings)
-
-
-def spec_strength(spec: ModelSpec, settings: dict) -> float:
-    """``engine_strength`` from the model's spec alone (a Ray driver never loads the model)."""
-    value = settings["diffusion"].get("strength")
-    if value is None:
-        value = spec.extra.get("engine", {}).get("strength", 1.0)
-    return float(value)
+    d = dict(settings["diffusion"])
+    engine = spec.extra.get("engine", {})
+    for name, fallback in MODEL_DEFAULTS.items():
+        if d.get(name) is None:
+            d[name] = float(engine.get(name, fallback))
+    return {**settings, "diffusion": d}
 
 
 @dataclass(frozen=True)

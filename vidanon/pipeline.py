@@ -46,12 +46,13 @@ from vidanon.keys import Key, Keyring, new_job_id, read_track_key, track_key
 from vidanon.masks import FaceMasks
 from vidanon.media import probe, read_frames
 from vidanon.passes import (
+    MODEL_DEFAULTS,
     LocalRenderer,
     Renderer,
     RenderPass,
     pick_device,
     render_video,
-    spec_strength,
+    resolve_diffusion,
 )
 from vidanon.render import FaceJob
 from vidanon.track import FaceTracker, SceneCuts, Track
@@ -131,9 +132,8 @@ def run(inp: Path, output: Path | None, keyring_path: Path, settings: dict,
     if renderer is None:
         renderer = LocalRenderer(model_name or settings.get("model"), device)
     spec = renderer.spec
-    # Resolve the model-dependent default now, so the sidecar records what was actually used.
-    settings = {**settings, "diffusion": {**settings["diffusion"],
-                                          "strength": spec_strength(spec, settings)}}
+    # Resolve the model-dependent defaults now, so the sidecar records what was actually used.
+    settings = resolve_diffusion(spec, settings)
 
     ring = Keyring.open(keyring_path, passphrase=passphrase, create=True)
     here = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -372,7 +372,8 @@ def recover(video: Path, track_ids: list[int], output: Path | None = None,
         keys[tid] = key
 
     settings = doc["settings"]
-    settings["diffusion"].setdefault("strength", 1.0)  # sidecars written before strength existed
+    for name, value in MODEL_DEFAULTS.items():  # sidecars written before the setting existed
+        settings["diffusion"].setdefault(name, value)
     dev = pick_device(device)
     model = load_model(model_name or doc["model"]["name"], device=dev)
     if doc["model"]["weights_sha256"] not in ("random", model.spec.weights_sha256):

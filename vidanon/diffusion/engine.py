@@ -11,8 +11,20 @@ Why this is not the reference method's loop:
   ``z_{k+1} = m * step(z_k, eps(z_k)) + (1 - m) * bg_{k+1}``.  Inversion solves that equation
   for ``z_k`` by fixed-point iteration (``refine`` extra UNet calls per step) instead of
   reusing ``eps(z_{k+1})``, so ``sample(invert(x))`` returns ``x`` up to the iteration error.
-* **Involution.**  ``transform = sample ∘ flip ∘ invert`` with a ±1 flip, so applying it twice
-  with the same key is the identity: ``recover`` is literally ``anonymize`` again.
+* **Keyed flip at a temperature, around the track's anchor.**  Inside the face mask
+  ``anonymize`` maps the inverted noise ``z`` to ``a * flip(z) + b * n`` and ``recover`` maps
+  it back, ``flip(z - b * n) / a``, with a ±1 flip and a standard normal ``n`` both drawn from
+  the track key, ``a = tau * sqrt(1 - w)`` and ``b = tau * sqrt(w)``. With ``tau`` = 1 and
+  ``w`` = 0 this is the reference method's flip, an involution.
+  ``tau`` (temperature): a weak prior completes a face region from unit-variance noise
+  poorly and from scaled-down noise more often as a face (reduced-temperature sampling, as in
+  Glow's and BigGAN's truncation).
+  ``w`` (anchor): the share of the noise's variance that is the same in every frame of a
+  track. The flipped term follows the frame (pose, expression, blur); the anchor term does
+  not, so the pseudo-identity drifts less between frames (IDDiffuse's consistent identity
+  mapping), and less of the original reaches the output at all.
+  Both are public and exactly invertible given the key; they cost recovery a ``1 / a``
+  amplification of the re-encoding error (docs/prior.md).
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import torch.nn.functional as F
 
 from vidanon.diffusion.ddim import DDIM
 from vidanon.diffusion.models import FaceModel
-from vidanon.keys import Key, flip_signs
+from vidanon.keys import Key, anchor_noise, flip_signs
 
 
 @dataclass
@@ -36,6 +48,8 @@ class EngineSettings:
     steps: int = 25
     refine: int = 2  # fixed-point iterations per inversion step (0 = plain DDIM inversion)
     strength: float = 1.0  # noisiest level as a fraction of the schedule (img2img strength)
+    temperature: float = 1.0  # overall scale of the face noise after anonymization (tau)
+    anchor: float = 0.0  # share of its variance from the track's key-derived noise (w)
     tol: float = 0.0  # stop refining a level once every crop's RMS residual is below this
     batch_size: int = 32
     fill_sigma: float = 0.12  # background fill blur, as a fraction of the crop side
@@ -170,6 +184,7 @@ class Engine:
         self.inversions = inversions
         self.ddim = DDIM(model.scheduler, self.settings.steps, self.settings.strength)
         self._flip_cache: dict[str, torch.Tensor] = {}
+        self._anchor_cache: dict[str, torch.Tensor] = {}
         self.evals = 0  # UNet evaluations summed over crops (inversion varies with tol)
         self.crops = 0
         if self.settings.compile and model.device.type == "cuda":
@@ -179,15 +194,30 @@ class Engine:
 
     def anonymize(self, crops: torch.Tensor, masks: torch.Tensor, keys: Sequence[Key]):
         """Crops (N,3,S,S) in [-1,1], masks (N,1,S,S) in {0,1}, one key per crop."""
-        return self._batched(crops, masks, keys)
+        return self._batched(crops, masks, keys, forward=True)
 
     def recover(self, crops: torch.Tensor, masks: torch.Tensor, keys: Sequence[Key]):
-        """The same transform again: a ±1 flip applied twice is the identity."""
-        return self._batched(crops, masks, keys)
+        """The inverse: the anchor taken away, the same ±1 flip, the scale divided out."""
+        return self._batched(crops, masks, keys, forward=False)
 
     def roundtrip(self, crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """invert -> sample with no flip; its error bounds what recovery can reach."""
-        return self._batched(crops, masks, None)
+        return self._batched(crops, masks, None, forward=True)
+
+    @property
+    def mix(self) -> tuple[float, float]:
+        """(a, b): the flipped noise's and the anchor's weights inside the face mask."""
+        tau, w = self.settings.temperature, self.settings.anchor
+        return tau * (1.0 - w) ** 0.5, tau * w**0.5
+
+    def keyed_noise(self, zT: torch.Tensor, m: torch.Tensor, keys: Sequence[Key],
+                    forward: bool) -> torch.Tensor:
+        """The keyed map of the inverted noise (``forward``) or its inverse, inside ``m``."""
+        a, b = self.mix
+        s = self.flips(keys).to(zT.device)
+        n = self.anchors(keys).to(zT.device) if b else torch.zeros_like(zT)
+        inside = a * s * zT + b * n if forward else s * (zT - b * n) / a
+        return m * inside + (1 - m) * zT
 
     @property
     def unet_calls_per_crop(self) -> int:
@@ -202,14 +232,14 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _batched(self, crops, masks, keys):
+    def _batched(self, crops, masks, keys, forward: bool):
         if keys is not None and len(keys) != len(crops):
             raise ValueError("one key per crop is required")
         out = []
         bs = self.settings.batch_size
         for i in range(0, len(crops), bs):
             k = None if keys is None else keys[i : i + bs]
-            out.append(self._transform(crops[i : i + bs], masks[i : i + bs], k))
+            out.append(self._transform(crops[i : i + bs], masks[i : i + bs], k, forward))
         if not out:
             return crops.clone()
         return torch.cat(out)
@@ -226,6 +256,15 @@ class Engine:
             if key.id not in self._flip_cache:
                 self._flip_cache[key.id] = torch.from_numpy(flip_signs(key, shape))
             rows.append(self._flip_cache[key.id])
+        return torch.stack(rows)
+
+    def anchors(self, keys: Sequence[Key]) -> torch.Tensor:
+        shape = tuple(self.model.spec.latent_shape)
+        rows = []
+        for key in keys:
+            if key.id not in self._anchor_cache:
+                self._anchor_cache[key.id] = torch.from_numpy(anchor_noise(key, shape))
+            rows.append(self._anchor_cache[key.id])
         return torch.stack(rows)
 
     def _eps(self, z: torch.Tensor, k: int) -> torch.Tensor:
@@ -299,7 +338,7 @@ class Engine:
         return zT, bg, self.latent_mask(masks)
 
     @torch.no_grad()
-    def _transform(self, x, masks, keys):
+    def _transform(self, x, masks, keys, forward: bool):
         model = self.model
         dev = model.device
         x = x.to(dev, torch.float32)
@@ -307,8 +346,7 @@ class Engine:
         masks = (masks.to(dev, torch.float32) > 0.5).float()
         zT, bg, m = self._inverted(x, masks)
         if keys is not None:
-            s = self.flips(keys).to(dev)
-            zT = zT * (m * s + (1 - m))
+            zT = self.keyed_noise(zT, m, keys, forward)
         z = self.sample(zT, m, bg)
         if model.vae is None:
             return z.clamp(-1, 1).cpu()

@@ -139,13 +139,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="cycle fine-tuned TAEF2 decoder state (python -m vidanon.prior.cycle)")
     ap.add_argument("--strength", type=float, default=1.0,
                     help="recommended DDIM strength stored with the model (engine default)")
+    ap.add_argument("--temperature", type=float, default=0.8,
+                    help="recommended scale of the flipped face noise (engine default; "
+                         "benchmarks.prior measures the face rate at it)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     tmpl = run_template(a.run_dir, a.faces)
     _, meta = load_checkpoint(a.run_dir)
     dest = export_weights(a.run_dir, a.dest, tmpl["template"], tmpl["face_oval"],
-                          extra_meta={"engine": {"strength": a.strength}})
+                          extra_meta={"engine": {"strength": a.strength,
+                                                      "temperature": a.temperature}})
     if a.decoder is not None:
         from vidanon.prior.cycle import export_decoder
 
@@ -155,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"exported step {meta['step']} to {dest} ({spec.name}, crop {spec.crop_size})")
     update_card(dest / "MODEL_CARD.md", _card_block(meta, tmpl, dest))
     if not a.no_samples:
-        png = save_png(sample_grid(dest, n=a.n, steps=a.steps), a.samples)
+        png = save_png(sample_grid(dest, n=a.n, steps=a.steps, temperature=a.temperature),
+                       a.samples)
         print(f"samples: {png}")
 
 

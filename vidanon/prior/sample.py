@@ -20,15 +20,20 @@ from vidanon.diffusion.models import load_model
 
 @torch.no_grad()
 def sample_faces(
-    model_dir: str | Path, n: int = 64, steps: int = 50, seed: int = 0, batch: int = 32
+    model_dir: str | Path, n: int = 64, steps: int = 50, seed: int = 0, batch: int = 32,
+    temperature: float = 1.0,
 ) -> np.ndarray:
-    """``n`` deterministic DDIM (eta = 0) samples as uint8 RGB (n, H, W, 3)."""
+    """``n`` deterministic DDIM (eta = 0) samples as uint8 RGB (n, H, W, 3).
+
+    ``temperature`` scales the starting noise, as the engine scales a face's flipped noise.
+    The same seed gives the same noise at every temperature, so grids compare face by face.
+    """
     model = load_model(str(model_dir), device="cpu")
     c, h, w = model.spec.latent_shape
     sched = DDIMScheduler.from_config(model.scheduler.config)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    x_all = torch.randn((n, c, h, w), generator=g)
+    x_all = torch.randn((n, c, h, w), generator=g) * temperature
     outs = []
     for i in range(0, n, batch):
         x = x_all[i : i + batch]
@@ -53,10 +58,10 @@ def tile(images: np.ndarray, cols: int | None = None, gap: int = 2) -> np.ndarra
 
 
 def sample_grid(
-    model_dir: str | Path, n: int = 64, steps: int = 50, seed: int = 0
+    model_dir: str | Path, n: int = 64, steps: int = 50, seed: int = 0, temperature: float = 1.0
 ) -> np.ndarray:
     """A square-ish grid (8x8 for n = 64) of DDIM samples, uint8 RGB."""
-    return tile(sample_faces(model_dir, n=n, steps=steps, seed=seed))
+    return tile(sample_faces(model_dir, n=n, steps=steps, seed=seed, temperature=temperature))
 
 
 def save_png(image_rgb: np.ndarray, path: str | Path) -> Path:
