@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--config", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="a setting for this run, e.g. diffusion.temperature=0.9")
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
         orig = [f.image for f in read_frames(clip)]
         for label, lossless, crf in (("lossless (default)", True, 12), ("H.264 CRF 12", False, 12),
                                      ("H.264 CRF 18 (publish preset)", False, 18)):
-            settings = load_settings(a.config, [f"encode.lossless={str(lossless).lower()}",
+            settings = load_settings(a.config, [*a.overrides,
+                                                f"encode.lossless={str(lossless).lower()}",
                                                 f"encode.crf={crf}"])
             t0 = time.time()
             res = run(clip, t / f"a{label[:8]}{crf}.mp4", t / "ring.json", settings, a.model,
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "recover_s": round(t_rec, 1),
             }
     result = {"clip": f"samples/crowd.mp4, first {a.frames} frames", "model": spec.name,
-              "settings": {k: settings["diffusion"].get(k) for k in ("steps", "refine", "tol")},
+              "settings": {k: doc["settings"]["diffusion"].get(k)  # as resolved for the run
+                           for k in ("steps", "refine", "tol", "temperature", "anchor")},
               "threshold": thr,
               "results": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
