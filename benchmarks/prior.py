@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None)
     ap.add_argument("--temperature", type=float, default=None,
                     help="noise scale to judge (default: the model's recommendation)")
+    ap.add_argument("--compare", type=float, nargs="*", default=[0.8],
+                    help="other noise scales, judged beside it (same seeds)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     folder = a.model or BUNDLED_DIR
@@ -117,10 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     tau = a.temperature or float(spec.extra.get("engine", {}).get("temperature", 1.0))
     faces, names = load_dataset(FACES128, spec.crop_size)
     train, held = split_indices(names)
-    # What the engine generates (its temperature) is the result; unit variance, what the
-    # prior itself has learned, is kept beside it for comparison between checkpoints.
+    # What the engine generates (its temperature) is the result; other temperatures, drawn
+    # from the same seeds, show what scaling the keyed noise would change.
     by_t = {}
-    for t in dict.fromkeys((tau, 1.0)):
+    for t in dict.fromkeys((tau, *a.compare)):
         t0 = time.time()
         samples = sample_faces(folder, n=a.n, steps=a.steps, seed=0, temperature=t)
         secs = time.time() - t0
@@ -128,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "sample_s_per_image_cpu": round(secs / a.n, 3),
                    "memorisation": memorisation(samples, faces[train], faces[held],
                                                 spec.crop_size)}
-        if t == tau:
-            save_png(tile(samples[:64]), GRID)
+        save_png(tile(samples[:64]), GRID if t == tau else GRID.with_name(
+            f"{GRID.stem}_t{t}{GRID.suffix}"))
     r = {
         "machine": machine(),
         "model": spec.name,
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "samples": a.n,
         "ddim_steps": a.steps,
         **by_t[tau],
-        "unit_temperature": by_t[1.0],
+        "other_temperatures": [v for t, v in by_t.items() if t != tau],
         "heldout_face_rate": round(face_rate(faces[held][: a.n]), 4),
         "heldout_loss": heldout_loss(Path(folder)),
         "grid": str(GRID.relative_to(ROOT)),
@@ -160,18 +162,18 @@ def _loss_lines(loss: dict | None) -> list[str]:
 def markdown(r: dict) -> str:
     m = r["memorisation"]
     tau = r.get("temperature", 1.0)
-    unit = r.get("unit_temperature", r)
+    others = r.get("other_temperatures", [])
     return "\n".join([
         "## Face prior: are its samples faces?",
         "",
-        f"`python -m benchmarks.prior`: {r['samples']} unconditional DDIM samples "
+        f"`python -m benchmarks.prior`: {r['samples']} deterministic DDIM samples "
         f"({r['ddim_steps']} steps, eta 0) from `{r['model']}` (weights "
         f"`{r['weights_sha256'][:12]}`, {r['training_steps']} training steps); commit "
         f"`{r['machine']['commit']}`. A sample counts if YuNet finds exactly one face in it "
         f"(upscaled to {DETECT_PX} px, edge-padded). Target (#4): at least 90 %. The engine "
-        f"scales a face's flipped noise by the model's temperature {tau} (recovery divides it "
-        "out), so samples drawn from noise of that scale are what it generates; unit-variance "
-        "noise (temperature 1.0, the same seeds) measures the prior alone.",
+        f"scales a face's keyed noise by the model's temperature ({tau}); rows at other "
+        "temperatures start from the same seeds' noise scaled by them "
+        "(`diffusion.temperature`, docs/prior.md).",
         "",
         "| images | share with one detected face | nearest training face below the search "
         "threshold |",
@@ -179,8 +181,9 @@ def markdown(r: dict) -> str:
         f"| prior samples, temperature {tau} (the engine's) | "
         f"**{100 * r['sample_face_rate']:.1f} %** | "
         f"{100 * m['share_below_search_threshold']:.1f} % |",
-        f"| prior samples, temperature 1.0 | {100 * unit['sample_face_rate']:.1f} % | "
-        f"{100 * unit['memorisation']['share_below_search_threshold']:.1f} % |",
+        *(f"| prior samples, temperature {o['temperature']} | "
+          f"{100 * o['sample_face_rate']:.1f} % | "
+          f"{100 * o['memorisation']['share_below_search_threshold']:.1f} % |" for o in others),
         f"| held-out real faces (ceiling) | {100 * r['heldout_face_rate']:.1f} % | - |",
         "",
         f"CPU time per sample: {r['sample_s_per_image_cpu']} s.",

@@ -13,8 +13,8 @@ from vidanon.errors import KeyMaterialError
 from vidanon.keys import (
     Key,
     Keyring,
-    export_track_key,
     anchor_noise,
+    export_track_key,
     flip_signs,
     read_track_key,
     track_key,

@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="cycle fine-tuned TAEF2 decoder state (python -m vidanon.prior.cycle)")
     ap.add_argument("--strength", type=float, default=1.0,
                     help="recommended DDIM strength stored with the model (engine default)")
-    ap.add_argument("--temperature", type=float, default=0.8,
+    ap.add_argument("--temperature", type=float, default=1.0,
                     help="recommended scale of the flipped face noise (engine default; "
                          "benchmarks.prior measures the face rate at it)")
     a = ap.parse_args(argv)
