@@ -250,22 +250,18 @@ class Engine:
         return (m > 0.5).float()
 
     def flips(self, keys: Sequence[Key]) -> torch.Tensor:
-        shape = tuple(self.model.spec.latent_shape)
-        rows = []
-        for key in keys:
-            if key.id not in self._flip_cache:
-                self._flip_cache[key.id] = torch.from_numpy(flip_signs(key, shape))
-            rows.append(self._flip_cache[key.id])
-        return torch.stack(rows)
+        return self._per_key(self._flip_cache, flip_signs, keys)
 
     def anchors(self, keys: Sequence[Key]) -> torch.Tensor:
+        return self._per_key(self._anchor_cache, anchor_noise, keys)
+
+    def _per_key(self, cache: dict[str, torch.Tensor], draw, keys: Sequence[Key]) -> torch.Tensor:
+        """One latent-shaped draw per key, kept by key ID: a track's frames share it."""
         shape = tuple(self.model.spec.latent_shape)
-        rows = []
         for key in keys:
-            if key.id not in self._anchor_cache:
-                self._anchor_cache[key.id] = torch.from_numpy(anchor_noise(key, shape))
-            rows.append(self._anchor_cache[key.id])
-        return torch.stack(rows)
+            if key.id not in cache:
+                cache[key.id] = torch.from_numpy(draw(key, shape))
+        return torch.stack([cache[key.id] for key in keys])
 
     def _eps(self, z: torch.Tensor, k: int) -> torch.Tensor:
         self.evals += z.shape[0]
