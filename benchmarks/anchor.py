@@ -33,6 +33,7 @@ import torch
 from benchmarks._common import VIDEOS, machine, write_results
 from benchmarks._identity import cached_thresholds, face_rate, identity_models, to_uint8_rgb
 from benchmarks.quality import heldout_faces, references
+from benchmarks.temporal import mean_pairwise
 from vidanon.align import crop_transform, oval_mask, to_tensor_batch, warp_crop
 from vidanon.config import load_settings
 from vidanon.diffusion.engine import Engine, Inversions
@@ -64,11 +65,6 @@ def track_faces(spec: ModelSpec, settings: dict, frames: int) -> dict[str, torch
     return out
 
 
-def mean_pairwise(e: np.ndarray) -> float:
-    n = len(e)
-    return float(((e @ e.T).sum() - np.trace(e @ e.T)) / max(n * (n - 1), 1))
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32, help="held-out faces")
@@ -89,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     tracks = track_faces(spec, settings, a.frames)
     track_refs = {k: references(ids, v) for k, v in tracks.items()}
     oval = torch.from_numpy(oval_mask(spec))[None, None]
+    m = oval.repeat(len(x), 1, 1, 1)
     rng = np.random.default_rng(0)
     keys = [Key(rng.bytes(16)) for _ in range(a.n)]
     track_key = Key(rng.bytes(16))
@@ -105,7 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.time()
             eng = Engine(model, engine_settings(model, load_settings(a.config, [
                 f"diffusion.temperature={tau}", f"diffusion.anchor={w}"])), memo)
-            m = oval.repeat(len(x), 1, 1, 1)
             anon = eng.anonymize(x, m, keys)
             quant = torch.round((anon + 1) * 127.5) / 127.5 - 1
             rec = eng.recover(quant, m, keys)

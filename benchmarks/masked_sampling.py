@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import ROOT, set_threads, write_results
-from benchmarks.quality import FACES
+from benchmarks._identity import FACES128
 from vidanon.diffusion.engine import Engine, EngineSettings, background_fill
 from vidanon.diffusion.models import load_model
 from vidanon.keys import Key
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     set_threads(1)
     model = load_model(None, device="cpu")
-    faces, names = load_dataset(FACES, model.spec.crop_size)
+    faces, names = load_dataset(FACES128, model.spec.crop_size)
     _, held = split_indices(names)
     x_np = faces[held[np.linspace(0, len(held) - 1, a.n).astype(int)]]
     x = torch.from_numpy(x_np.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)

@@ -47,7 +47,6 @@ from vidanon.pipeline import detect_and_track
 from vidanon.prior.data import load_dataset, split_indices
 
 ROOT = Path(__file__).resolve().parents[1]
-FACES = FACES128
 OUT = ROOT / "benchmarks" / "results" / "quality.json"
 CLIPS = ["audience_multi_face_640x360.mp4", "walking_single_person_608x1080.mp4",
          "head_motion_a.mp4", "head_motion_b.mp4", "talking_head_512.mp4"]
@@ -103,7 +102,7 @@ def icm_attack(eng: Engine, anon: torch.Tensor, masks: torch.Tensor,
 
 
 def heldout_faces(spec: ModelSpec) -> torch.Tensor:
-    faces, names = load_dataset(FACES, spec.crop_size)
+    faces, names = load_dataset(FACES128, spec.crop_size)
     _, held = split_indices(names)
     return torch.from_numpy(faces[held].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
 

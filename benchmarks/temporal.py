@@ -48,11 +48,14 @@ def track_crops(video: Path, track: dict, size: int) -> list[np.ndarray]:
             if f.index in by_frame]
 
 
-def consistency(emb: FaceEmbedder, crops: list[np.ndarray], pts: np.ndarray) -> float:
-    e = np.stack([emb(c, pts) for c in crops[:: max(1, len(crops) // 12)]])
-    sims = e @ e.T
+def mean_pairwise(e: np.ndarray) -> float:
+    """Mean cosine over all pairs of different rows of unit embeddings ``e``."""
     n = len(e)
-    return float((sims.sum() - n) / max(n * (n - 1), 1))
+    return float(((e @ e.T).sum() - n) / max(n * (n - 1), 1))
+
+
+def consistency(emb: FaceEmbedder, crops: list[np.ndarray], pts: np.ndarray) -> float:
+    return mean_pairwise(np.stack([emb(c, pts) for c in crops[:: max(1, len(crops) // 12)]]))
 
 
 def flicker(crops: list[np.ndarray]) -> float:
