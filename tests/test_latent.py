@@ -117,3 +117,29 @@ def test_cycle_error_of_stock_taef2_is_large(tmp_path):
     with torch.no_grad():
         err = cycle_error(ae, ae.encode_raw(x))
     assert err.shape == (4,) and float(err.mean()) > 0.05
+
+
+def test_cycle_finetune_trains_on_latents_the_engine_wrote(tmp_path):
+    """``make_pool`` keeps what anonymization really decodes (the flipped face inside the
+    mask), and ``train_cycle`` alternates those with its synthetic stand-ins."""
+    from vidanon.align import oval_mask
+    from vidanon.prior.cycle import make_pool, train_cycle
+
+    npz = _faces_npz(tmp_path / "f.npz", n=24)
+    cache = encode_cache(npz, tmp_path / "lat.npz", quiet=True)
+    pool = make_pool(npz, tmp_path / "pool.npz", n=4, temperatures=(0.8,), steps=2)
+    with np.load(pool) as p:
+        z, idx, tau = p["z"], p["face_index"], p["tau"]
+    lat, _, _ = load_latents(cache)
+    assert z.shape == (4, 32, 16, 16) and np.isfinite(z).all() and (tau == np.float32(0.8)).all()
+    # Inside the face oval the written latent is another face's, not the original's.
+    m = torch.nn.functional.interpolate(torch.from_numpy(oval_mask(
+        load_folder(BUNDLED_TAEF2.parents[0] / "weights").spec))[None, None], size=(16, 16),
+        mode="area")[0, 0].numpy() > 0.5
+    rel = np.linalg.norm((z - lat[idx])[..., m]) / np.linalg.norm(lat[idx][..., m])
+    assert rel > 0.3
+    state = train_cycle(str(npz), str(cache), tmp_path / "cyc", steps=10, batch=2, pool=pool)
+    assert torch.load(state, weights_only=True)["step"] == 10
+    log = [json.loads(line)
+           for line in (tmp_path / "cyc" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["cycle_pool"] > 0 and log[0]["cycle"] > 0
