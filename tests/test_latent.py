@@ -122,21 +122,20 @@ def test_cycle_error_of_stock_taef2_is_large(tmp_path):
 def test_cycle_finetune_trains_on_latents_the_engine_wrote(tmp_path):
     """``make_pool`` keeps what anonymization really decodes (the flipped face inside the
     mask), and ``train_cycle`` alternates those with its synthetic stand-ins."""
-    from vidanon.align import oval_mask
     from vidanon.prior.cycle import make_pool, train_cycle
 
     npz = _faces_npz(tmp_path / "f.npz", n=24)
     cache = encode_cache(npz, tmp_path / "lat.npz", quiet=True)
     pool = make_pool(npz, tmp_path / "pool.npz", n=4, temperatures=(0.8,), steps=2)
     with np.load(pool) as p:
-        z, idx, tau = p["z"], p["face_index"], p["tau"]
+        z, idx, tau, m, alpha = (p[k] for k in ("z", "face_index", "tau", "mask_lat", "alpha"))
     lat, _, _ = load_latents(cache)
     assert z.shape == (4, 32, 16, 16) and np.isfinite(z).all() and (tau == np.float32(0.8)).all()
-    # Inside the face oval the written latent is another face's, not the original's.
-    m = torch.nn.functional.interpolate(torch.from_numpy(oval_mask(
-        load_folder(BUNDLED_TAEF2.parents[0] / "weights").spec))[None, None], size=(16, 16),
-        mode="area")[0, 0].numpy() > 0.5
-    rel = np.linalg.norm((z - lat[idx])[..., m]) / np.linalg.norm(lat[idx][..., m])
+    assert m.shape == (4, 16, 16) and m.dtype == bool and 40 < m[0].sum() < 256
+    assert alpha.shape == (4, 128, 128) and alpha.max() == 1 and alpha.min() == 0
+    # Inside the face mask the written latent is another face's, not the original's.
+    inside = np.broadcast_to(m[:, None], z.shape)
+    rel = np.linalg.norm((z - lat[idx])[inside]) / np.linalg.norm(lat[idx][inside])
     assert rel > 0.3
     state = train_cycle(str(npz), str(cache), tmp_path / "cyc", steps=10, batch=2, pool=pool)
     assert torch.load(state, weights_only=True)["step"] == 10

@@ -96,7 +96,7 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
     m_lat = m_lat.float()
     alpha = _soft(_oval(128, oval, 1.08), 4)[None, None]
     m_pix = F.interpolate(m_lat, size=(128, 128), mode="nearest")
-    anon = np.load(pool) if pool is not None else None
+    anon = dict(np.load(pool)) if pool is not None else None
     t0 = time.monotonic()
     t_ck = t0
     log = open(out / "log.jsonl", "a")  # noqa: SIM115 - appended to for the whole run
@@ -128,18 +128,21 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
             # Every other step: latents the engine really wrote (sign-flipped noise sampled
             # by the prior, see ``anonymized_pool``), on the faces they replaced. Outside the
             # mask such a latent is the filled background's, which recovery never reads back.
-            j = rng.choice(len(anon["z"]), batch, replace=False)
+            j = np.sort(rng.choice(len(anon["z"]), batch, replace=False))
             z_anon = torch.from_numpy(anon["z"][j])
             x = torch.from_numpy(faces[anon["face_index"][j]].copy()).permute(0, 3, 1, 2)
             x = x.float() / 127.5 - 1
-            weight = m_lat.expand(batch, 1, -1, -1)
+            weight = torch.from_numpy(anon["mask_lat"][j]).float()[:, None]
+            paste_w = torch.from_numpy(anon["alpha"][j].astype(np.float32))[:, None]
+        else:
+            paste_w = alpha
         # One decoder pass serves both terms. The stock decoder's image is the look to keep
         # (real pixels would be the wrong target near the mask edge, where the decoder mixes
         # both faces' latents: the pipeline only pastes the oval anyway).
         y_anon = dec(z_anon) * 2 - 1
         with torch.no_grad():
             y_ref = ref_dec(z_anon) * 2 - 1
-        pix = alpha * y_anon.clamp(-1, 1) + (1 - alpha) * x
+        pix = paste_w * y_anon.clamp(-1, 1) + (1 - paste_w) * x
         q = pix + (torch.round((pix + 1) * 127.5) / 127.5 - 1 - pix).detach()
         z2 = ae.encoder((q + 1) / 2)
         l_cycle = (((z2 - z_anon) / scale_t) ** 2 * weight).sum() / (weight.sum() * z.shape[1])
@@ -179,20 +182,21 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
 
 def make_pool(faces_path: str | Path, out: Path, n: int, model: str | None = None,
               temperatures: tuple[float, ...] = (0.7, 0.8, 0.9, 1.0), steps: int = 4,
-              seed: int = 123, batch: int = 32) -> Path:
-    """Anonymize ``n`` training faces with the engine (oval mask, random keys, temperatures
-    drawn from ``temperatures``) and keep the raw latents it decoded (``z``) with the faces
-    they replaced (``face_index``).
+              seed: int = 123, batch: int = 32, mask: str = "face") -> Path:
+    """Anonymize ``n`` training faces with the engine (random keys, temperatures drawn from
+    ``temperatures``, the ``mask`` preset as in ``vidanon run``) and keep the raw latents it
+    decoded (``z``), the faces they replaced (``face_index``), each face's latent mask
+    (``mask_lat``) and paste-back alpha (``alpha``, float16).
 
     The synthetic stand-ins above (another face plus Gaussian noise) are not what the prior
     writes: measured on held-out faces, stock-plus-260-steps TAEF2 moves a real anonymized
     latent by 66 % (tau 1.0) to 79 % (tau 0.7) inside the mask, and that error, not the
     DDIM inversion (29 dB without it), is what limits recovery.
     """
-    from vidanon.align import oval_mask
     from vidanon.diffusion.engine import Engine, EngineSettings
     from vidanon.diffusion.models import load_model
     from vidanon.keys import Key
+    from vidanon.masks import FaceMasks
 
     fm = load_model(model)
     faces, names = load_dataset(faces_path, fm.spec.crop_size)
@@ -201,8 +205,15 @@ def make_pool(faces_path: str | Path, out: Path, n: int, model: str | None = Non
     idx = np.sort(rng.choice(train_idx, n, replace=False))
     taus = rng.choice(np.asarray(temperatures, np.float32), n)
     z = np.zeros((n, *fm.spec.latent_shape), np.float32)
-    mask = torch.from_numpy(oval_mask(fm.spec))[None, None]
+    size = fm.spec.crop_size
+    masks_np = np.zeros((n, size, size), np.float32)
+    alpha = np.zeros((n, size, size), np.float16)
+    fmasks = FaceMasks(fm.spec, mask, 0.06)
+    for j, i in enumerate(idx):  # FaceMesh traces the face on the (BGR) crop, as in a run
+        masks_np[j], alpha[j] = fmasks.get(j, 0, np.ascontiguousarray(faces[i][..., ::-1]))
+    fmasks.close()
     ae = fm.vae
+    eng = None
     for tau in np.unique(taus):
         sel = np.flatnonzero(taus == tau)
         eng = Engine(fm, EngineSettings(steps=steps, refine=4, tol=0.002,
@@ -211,7 +222,7 @@ def make_pool(faces_path: str | Path, out: Path, n: int, model: str | None = Non
             part = sel[i:i + batch]
             x = torch.from_numpy(faces[idx[part]].transpose(0, 3, 1, 2).astype(np.float32))
             x = x / 127.5 - 1
-            masks = mask.repeat(len(part), 1, 1, 1)
+            masks = torch.from_numpy(masks_np[part])[:, None]
             zT, bg, m = eng._invert_crops(x, masks)
             keys = [Key(rng.bytes(16)) for _ in part]
             za = eng.sample(eng.keyed_noise(zT, m, keys, True), m, bg)
@@ -220,7 +231,8 @@ def make_pool(faces_path: str | Path, out: Path, n: int, model: str | None = Non
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.npz")
-    np.savez(tmp, z=z, face_index=idx, tau=taus)
+    mask_lat = eng.latent_mask(torch.from_numpy(masks_np)[:, None])[:, 0].numpy() > 0.5
+    np.savez(tmp, z=z, face_index=idx, tau=taus, mask_lat=mask_lat, alpha=alpha)
     tmp.replace(out)
     return out
 
