@@ -18,7 +18,8 @@ from benchmarks._common import RESULTS, ROOT, cpu_model, git_commit
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTIONS = [*(f"leak_mask_{m}{g}" for m in ("face", "keep-eyes", "keep-mouth")
               for g in ("", "_noguard")),
-            "guard_cost", "masks", "scale", "quality", "anchor", "prior", "masked_sampling",
+            "guard_cost", "masks", "scale", "quality", "noise_scale", "anchor", "prior",
+            "masked_sampling",
             "recovery",
             "temporal",
             "steps", "detect", "speed", "concurrent_runs"]
