@@ -121,7 +121,11 @@ def header() -> str:
         "**Which model.** The bundled latent 128-px prior at 16,344 training steps (session "
         "6). Quality, recovery, temporal, prior and masked sampling measure it with its cycle "
         "fine-tuned decoder; the leak sections measure it with the stock TAEF2 decoder (run "
-        "just before the decoder was switched). Masks and scale are from session 4-5 "
+        "just before the decoder was switched), except `leak_mask_face`. Session 9 made 8 DDIM "
+        "steps the default (was 4): quality, recovery, `leak_mask_face` and the steps x "
+        "temperature grid are measured at 8 steps, the other leak variants, temporal and "
+        "guard cost at 4 (more runs at 8 in `benchmarks/results/steps8/`). "
+        "Masks and scale are from session 4-5 "
         "(6,574-step prior); steps, detect and speed were last run in session 2 with the "
         "retired 64-px pixel prior (their commits are listed above) and are kept until re-run; "
         "read them as history.",

@@ -8,6 +8,7 @@ to be a right inverse of it, while its images stay close to the stock decoder's:
 
     loss = |E(q(paste(D'(z)))) - z|^2 / scale^2    (cycle, what recovery needs)
          + w_img |D'(z) - D(z)|^2                   (look: stay the stock decoder)
+         + w_fid |D'(z_face) - x|^2                  (a real face's latent still decodes to it)
 
 ``z`` is what anonymization produces: the latent of one face inside the face mask and of
 another (optionally perturbed, or a prior sample) outside; ``paste`` blends the decoded crop
@@ -63,7 +64,7 @@ def cycle_error(ae, z: torch.Tensor, x_bg: torch.Tensor | None = None,
 
 
 def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000,
-                batch: int = 4, lr: float = 2e-4, w_img: float = 30.0,
+                batch: int = 4, lr: float = 2e-4, w_img: float = 30.0, w_fid: float = 30.0,
                 w_cycle: float = 1.0, oval: list[float] | None = None,
                 time_limit_s: float | None = None, ckpt_every_s: float = 300.0,
                 seed: int = 0, pool: str | Path | None = None) -> Path:
@@ -123,6 +124,9 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
         other = other + sigma * scale_t * torch.randn(other.shape,
                                                       generator=torch.Generator().manual_seed(step))
         z_anon = m_lat * other + (1 - m_lat) * z
+        # Recovery decodes a real face's latent: its fidelity must not pay for the cycle
+        # (measured: 33.2 -> 32.3 dB on held-out faces over 280 pool steps without this term).
+        l_fid = F.mse_loss(dec(z) * 2 - 1, x) if w_fid else torch.zeros(())
         weight = torch.ones_like(m_lat).expand(batch, 1, -1, -1)
         if anon is not None and step % 2 == 1:
             # Every other step: latents the engine really wrote (sign-flipped noise sampled
@@ -148,7 +152,7 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
         l_cycle = (((z2 - z_anon) / scale_t) ** 2 * weight).sum() / (weight.sum() * z.shape[1])
         l_img = F.mse_loss(y_anon, y_ref)
         l_rec = ((y_anon.detach() - x) ** 2 * (1 - m_pix)).mean()  # monitored only
-        loss = w_cycle * l_cycle + w_img * l_img
+        loss = w_cycle * l_cycle + w_img * l_img + w_fid * l_fid
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
@@ -159,11 +163,12 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
             acc["pool"] = acc.get("pool", 0.0) + l_cycle.item()
             acc["n_pool"] = acc.get("n_pool", 0) + 1
         acc["img"] += l_img.item()
+        acc["fid"] = acc.get("fid", 0.0) + l_fid.item()
         acc["rec"] += l_rec.item()
         acc["n"] += 1
         if step % 10 == 0:
             rec = {k: round(v / acc["n"], 6) for k, v in acc.items()
-                   if k in ("cycle", "img", "rec")}
+                   if k in ("cycle", "img", "rec", "fid")}
             if acc.get("n_pool"):
                 rec["cycle_pool"] = round(acc["pool"] / acc["n_pool"], 6)
             rec.update(step=step, elapsed_s=round(time.monotonic() - t0, 1))
