@@ -37,7 +37,7 @@ from vidanon.align import (
     to_tensor_batch,
     warp_crop,
 )
-from vidanon.diffusion.engine import Engine, EngineSettings
+from vidanon.diffusion.engine import Engine, EngineSettings, Inversions
 from vidanon.diffusion.models import load_model
 from vidanon.keys import Key
 
@@ -57,17 +57,20 @@ def through_frame(orig: np.ndarray, anon: np.ndarray, alpha: np.ndarray, scale: 
 
 
 def inverted_rms(eng: Engine, x: torch.Tensor, masks: torch.Tensor) -> float:
-    zT, _, m = eng._invert_crops(x, masks)
+    """RMS of the inverted noise inside the mask (from the engine's memo: no second inversion)."""
+    zT, _, m = eng._inverted(x, masks)
     inside = zT[m.expand_as(zT) > 0]
     return float(inside.pow(2).mean().sqrt())
 
 
 def grid_point(model, x, masks, alpha, keys, steps: int, tau: float, scales, mf, e0,
                thr: float) -> dict:
-    eng = Engine(model, EngineSettings(steps=steps, refine=4, tol=0.002, temperature=tau))
+    eng = Engine(model, EngineSettings(steps=steps, refine=4, tol=0.002, temperature=tau),
+                 Inversions(max_bytes=1 << 30))
     t0 = time.process_time()
     anon = eng.anonymize(x, masks, keys)
     cpu = (time.process_time() - t0) / len(x)
+
     def tar(y: torch.Tensor) -> float:
         return round(float((np.sum(mf.embed(y) * e0, 1) >= thr).mean()), 4)
 

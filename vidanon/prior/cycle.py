@@ -130,7 +130,7 @@ def train_cycle(faces_path: str, latents_path: str, out: Path, steps: int = 3000
         weight = torch.ones_like(m_lat).expand(batch, 1, -1, -1)
         if anon is not None and step % 2 == 1:
             # Every other step: latents the engine really wrote (sign-flipped noise sampled
-            # by the prior, see ``anonymized_pool``), on the faces they replaced. Outside the
+            # by the prior, see ``make_pool``), on the faces they replaced. Outside the
             # mask such a latent is the filled background's, which recovery never reads back.
             j = np.sort(rng.choice(len(anon["z"]), batch, replace=False))
             z_anon = torch.from_numpy(anon["z"][j])
