@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from vidanon.diffusion.ddim import DDIM
 from vidanon.diffusion.models import FaceModel
 from vidanon.keys import Key, anchor_noise, flip_signs
+from vidanon.prior.inpaint import condition
 
 
 @dataclass
@@ -263,17 +264,27 @@ class Engine:
                 cache[key.id] = torch.from_numpy(draw(key, shape))
         return torch.stack([cache[key.id] for key in keys])
 
-    def _eps(self, z: torch.Tensor, k: int) -> torch.Tensor:
+    def _eps(self, z: torch.Tensor, k: int, cond: torch.Tensor | None = None) -> torch.Tensor:
         self.evals += z.shape[0]
-        return self.model.eps(z, self.ddim.timesteps[k]).float()
+        return self.model.eps(z, self.ddim.timesteps[k], cond).float()
+
+    def condition(self, bg: list[torch.Tensor], m: torch.Tensor) -> torch.Tensor | None:
+        """What a background-conditioned prior is shown: the background-only latent outside
+        the mask (``bg[-1]``, level 0), the same for a crop and its anonymized version."""
+        return condition(bg[-1], m) if self.model.conditioned else None
 
     @torch.no_grad()
-    def background_trajectory(self, zbg: torch.Tensor) -> list[torch.Tensor]:
-        """Plain DDIM inversion of the background-only latent; index = level."""
+    def background_trajectory(self, zbg: torch.Tensor,
+                              m: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Plain DDIM inversion of the background-only latent; index = level.
+
+        ``m``, the latent face mask, is what a conditioned prior is told to leave out.
+        """
+        cond = self.condition([zbg], m) if m is not None else None
         traj = [zbg]
         z = zbg
         for k in reversed(range(self.ddim.steps)):
-            z = self.ddim.unstep(z, self._eps(z, k), k)
+            z = self.ddim.unstep(z, self._eps(z, k, cond), k)
             traj.append(z)
         return traj[::-1]
 
@@ -281,12 +292,14 @@ class Engine:
     def invert(self, z0: torch.Tensor, m: torch.Tensor, bg: list[torch.Tensor]) -> torch.Tensor:
         """Solve the masked sampler backwards: level steps -> level 0."""
         z = z0 * m + bg[-1] * (1 - m)
+        cond = self.condition(bg, m)
         eps = None
         for k in reversed(range(self.ddim.steps)):
 
             def g(u: torch.Tensor, idx: torch.Tensor | None, z=z, k=k) -> torch.Tensor:
                 zz, mm, bk = (z, m, bg[k]) if idx is None else (z[idx], m[idx], bg[k][idx])
-                return self.ddim.unstep(zz, self._eps(u, k), k) * mm + bk * (1 - mm)
+                cc = cond if cond is None or idx is None else cond[idx]
+                return self.ddim.unstep(zz, self._eps(u, k, cc), k) * mm + bk * (1 - mm)
 
             # Warm start: the noise solved for at the previous level predicts this one's well
             # (it changes slowly with t): ~15 % fewer UNet calls at the same recovery PSNR.
@@ -300,8 +313,9 @@ class Engine:
     @torch.no_grad()
     def sample(self, zT: torch.Tensor, m: torch.Tensor, bg: list[torch.Tensor]) -> torch.Tensor:
         z = zT
+        cond = self.condition(bg, m)
         for k in range(self.ddim.steps):
-            z = self.ddim.step(z, self._eps(z, k), k) * m + bg[k + 1] * (1 - m)
+            z = self.ddim.step(z, self._eps(z, k, cond), k) * m + bg[k + 1] * (1 - m)
         return z
 
     @torch.no_grad()
@@ -312,7 +326,7 @@ class Engine:
         z0 = self.model.encode(x).float()
         zbg = self.model.encode(filled).float()
         m = self.latent_mask(masks)
-        bg = self.background_trajectory(zbg)
+        bg = self.background_trajectory(zbg, m)
         return self.invert(z0, m, bg), bg, m
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ from diffusers.utils import logging as diffusers_logging
 from vidanon.errors import VidanonError
 from vidanon.prior.autoencoder import DOWNSCALE as TAE_DOWNSCALE
 from vidanon.prior.autoencoder import TinyAutoencoder, load_taef2
+from vidanon.prior.inpaint import is_conditioned, unconditional
 
 # diffusers' load-time advice (accelerate, dtype casts) is noise in a CLI's output.
 diffusers_logging.set_verbosity_error()
@@ -118,9 +119,20 @@ class FaceModel(torch.nn.Module):
         z = (z / self.spec.scaling_factor).to(self.vae.dtype)
         return self.vae.decode(z).sample
 
+    @property
+    def conditioned(self) -> bool:
+        """Whether the UNet also takes the face's surroundings (``vidanon.prior.inpaint``)."""
+        return is_conditioned(self.unet)
+
     @torch.no_grad()
-    def eps(self, z: torch.Tensor, t: int) -> torch.Tensor:
-        """Predicted noise for a batch at one shared timestep."""
+    def eps(self, z: torch.Tensor, t: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted noise for a batch at one shared timestep.
+
+        ``cond`` (``inpaint.condition``) is the background a conditioned model completes the
+        face in; without it such a model samples freely. Unconditional models ignore it.
+        """
+        if self.conditioned:
+            z = torch.cat([z, unconditional(z) if cond is None else cond.to(z.dtype)], 1)
         return self.unet(z.to(self.dtype), t).sample
 
 
@@ -143,7 +155,7 @@ def _hash_state(module: torch.nn.Module) -> str:
 
 def _spec_for(name: str, unet: UNet2DModel, vae, meta: dict, weights_sha: str) -> ModelSpec:
     latent_size = int(unet.config.sample_size)
-    latent_c = int(unet.config.in_channels)
+    latent_c = int(unet.config.out_channels)
     if vae is None:
         crop = latent_size
         kind = "pixel"

@@ -52,6 +52,7 @@ from vidanon.prior.data import (
     load_dataset,
     split_indices,
 )
+from vidanon.prior.inpaint import cond_channels, condition, train_masks, widen
 from vidanon.prior.latents import channel_stats, is_latent_cache, load_latents
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -98,9 +99,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_unet(preset: str, resolution: int, channels: int = 3) -> UNet2DModel:
+def build_unet(preset: str, resolution: int, channels: int = 3,
+               in_channels: int | None = None) -> UNet2DModel:
     """A freshly initialised UNet of a named preset for square inputs of ``resolution`` px
-    (pixels, or latent positions for a latent prior) with ``channels`` channels."""
+    (pixels, or latent positions for a latent prior) with ``channels`` channels
+    (``in_channels`` more for a background-conditioned prior, ``vidanon.prior.inpaint``)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; one of {sorted(PRESETS)}")
     p = PRESETS[preset]
@@ -110,7 +113,7 @@ def build_unet(preset: str, resolution: int, channels: int = 3) -> UNet2DModel:
     attn = p["attention"]
     return UNet2DModel(
         sample_size=resolution,
-        in_channels=channels,
+        in_channels=in_channels or channels,
         out_channels=channels,
         block_out_channels=tuple(p["block_out_channels"]),
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
@@ -149,11 +152,13 @@ def diffusion_loss(
     noise: torch.Tensor,
     t: torch.Tensor,
     alphas_cumprod: torch.Tensor,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DDPM epsilon-prediction MSE: noise ``x0`` to step ``t`` and ask the UNet for the noise."""
+    """DDPM epsilon-prediction MSE: noise ``x0`` to step ``t`` and ask the UNet for the noise
+    (given ``cond``, extra input channels, for a background-conditioned prior)."""
     a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    pred = unet(xt, t).sample
+    pred = unet(xt if cond is None else torch.cat([xt, cond], 1), t).sample
     return torch.nn.functional.mse_loss(pred.float(), noise.float())
 
 
@@ -176,6 +181,7 @@ class TrainConfig:
     n_train: int
     n_heldout: int
     heldout_rule: str = HELDOUT_RULE
+    inpaint: bool = False  # background-conditioned (vidanon.prior.inpaint)
 
 
 def _stream_seed(seed: int, step: int) -> int:
@@ -273,6 +279,9 @@ def train_prior(
     ckpt_mode: str = "auto",
     log_every: int = 50,
     shard_bytes: int = SHARD_BYTES,
+    inpaint: bool = False,
+    init_from: Path | None = None,
+    face_oval: Sequence[float] | None = None,
 ) -> Path:
     """Train (or resume training) a face prior; returns the newest checkpoint folder.
 
@@ -282,6 +291,10 @@ def train_prior(
     is about to run out.  ``ckpt_mode`` "full" stores fp32 model, EMA and AdamW state (exact
     resume); "light" stores fp32 model and fp16 EMA only (resume restarts AdamW with a fresh
     warm-up) for models whose full checkpoint would exceed 60 MB; "auto" picks by size.
+
+    ``inpaint`` trains a background-conditioned prior (``vidanon.prior.inpaint``) on random
+    face ovals around ``face_oval`` (default: ``out/template.json``'s); ``init_from`` starts
+    it from an unconditional checkpoint's weights, widened, at step 0.
     """
     t_start = time.monotonic()
     out = Path(out)
@@ -324,13 +337,20 @@ def train_prior(
             ("batch_size", batch_size),
             ("seed", seed),
             ("data", _data_label(data)),
+            ("inpaint", inpaint),
         ):
-            if old[key] != new:
+            if old.get(key, False) != new:
                 raise ValueError(f"resume: {key} was {old[key]!r} in the checkpoint, now {new!r}")
 
     with torch.random.fork_rng(devices=[]):  # init from the seed, leave global RNG alone
         torch.manual_seed(seed)
-        model = build_unet(preset, resolution, channels)
+        model = build_unet(preset, resolution, channels,
+                           cond_channels(channels) if inpaint else None)
+    oval: list[float] | None = None
+    if inpaint:
+        if face_oval is None:
+            face_oval = json.loads((out / "template.json").read_text())["face_oval"]
+        oval = [float(v) for v in face_oval]
     n_params = sum(p.numel() for p in model.parameters())
     cfg = TrainConfig(
         data=_data_label(data),
@@ -347,6 +367,7 @@ def train_prior(
         ckpt_mode=_ckpt_mode(ckpt_mode, n_params),
         n_train=len(train_idx),
         n_heldout=len(held_idx),
+        inpaint=inpaint,
     )
     if cfg.ckpt_mode == "full" and 16 * n_params > CKPT_BYTES:
         warnings.warn(
@@ -354,6 +375,7 @@ def train_prior(
             stacklevel=2,
         )
     ema = copy.deepcopy(model).requires_grad_(False)
+    history: list[dict] = list(ckpt_meta.get("history", [])) if ckpt_meta else []
     step = 0
     if ckpt_tensors is not None and ckpt_meta is not None:
         model.load_state_dict({k[6:]: v for k, v in ckpt_tensors.items() if k.startswith("model.")})
@@ -361,6 +383,14 @@ def train_prior(
             {k[4:]: v.float() for k, v in ckpt_tensors.items() if k.startswith("ema.")}
         )
         step = int(ckpt_meta["step"])
+    elif init_from is not None:  # an unconditional prior's EMA weights, widened
+        base_t, base_meta = load_checkpoint(Path(init_from))
+        base = UNet2DModel.from_config(base_meta["unet_config"])
+        base.load_state_dict({k[4:]: v.float() for k, v in base_t.items() if k.startswith("ema.")})
+        base = widen(base) if inpaint else base
+        model.load_state_dict(base.state_dict())
+        ema.load_state_dict(base.state_dict())
+        history.append({"init_from": str(init_from), "init_step": int(base_meta["step"])})
     model.to(dev).train()
     ema.to(dev).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -384,7 +414,6 @@ def train_prior(
     params = [p for p in model.parameters() if p.requires_grad]
     ema_params = [p for p in ema.parameters()]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
-    history: list[dict] = list(ckpt_meta.get("history", [])) if ckpt_meta else []
 
     def checkpoint() -> Path:
         meta = {
@@ -430,12 +459,16 @@ def train_prior(
         g = torch.Generator(device=dev).manual_seed(_stream_seed(seed, step))
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=g, device=dev)
         noise = torch.randn(x0.shape, generator=g, device=dev)
+        cond = None
+        if oval is not None:  # after the noise: the step's stream stays as it was
+            masks = train_masks(batch_size, resolution, oval, g, dev)
+            cond = condition(x0, masks)
 
         lr_now = lr * min(1.0, (step - warm_from + 1) / max(1, warmup_steps))
         for group in opt.param_groups:
             group["lr"] = lr_now
         with autocast:
-            loss = diffusion_loss(fwd, x0, noise, t, alphas_cumprod)
+            loss = diffusion_loss(fwd, x0, noise, t, alphas_cumprod, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -617,6 +650,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--inpaint", action="store_true",
+                    help="background-conditioned prior (vidanon.prior.inpaint)")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start from this unconditional checkpoint's EMA weights (widened)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -631,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ema_decay=a.ema_decay, checkpoint_every=a.checkpoint_every,
         time_limit_s=a.time_limit_s, compile=a.compile, quiet=a.quiet,
         checkpoint_every_s=a.checkpoint_every_s, warmup_steps=a.warmup_steps,
-        ckpt_mode=a.ckpt_mode, log_every=a.log_every,
+        ckpt_mode=a.ckpt_mode, log_every=a.log_every, inpaint=a.inpaint,
+        init_from=a.init_from,
     )
 
 
