@@ -6,7 +6,10 @@ Why this is not the reference method's loop:
   the DDIM inversion of a *background-only* image (the face region filled from its
   surroundings).  Original and anonymized crops share their background pixels, so both
   directions compute the same trajectory; the reference re-inverts the anonymized image and
-  gets a different one, which is why its recovery is not an inverse.
+  gets a different one, which is why its recovery is not an inverse. A background-conditioned
+  prior (``vidanon.prior.inpaint``) is also *shown* that background latent as its condition,
+  and its trajectory is the background noised forward with a fixed public pattern
+  (``noised_background``).
 * **Exact inversion of the masked sampler.**  Sampling with re-injection is
   ``z_{k+1} = m * step(z_k, eps(z_k)) + (1 - m) * bg_{k+1}``.  Inversion solves that equation
   for ``z_k`` by fixed-point iteration (``refine`` extra UNet calls per step) instead of
@@ -42,6 +45,8 @@ from vidanon.diffusion.ddim import DDIM
 from vidanon.diffusion.models import FaceModel
 from vidanon.keys import Key, anchor_noise, flip_signs
 from vidanon.prior.inpaint import condition
+
+BACKGROUND_NOISE_SEED = 20261207  # public: the same background noise for every crop and key
 
 
 @dataclass
@@ -186,6 +191,7 @@ class Engine:
         self.ddim = DDIM(model.scheduler, self.settings.steps, self.settings.strength)
         self._flip_cache: dict[str, torch.Tensor] = {}
         self._anchor_cache: dict[str, torch.Tensor] = {}
+        self._bg_noise: torch.Tensor | None = None
         self.evals = 0  # UNet evaluations summed over crops (inversion varies with tol)
         self.crops = 0
         if self.settings.compile and model.device.type == "cuda":
@@ -224,7 +230,8 @@ class Engine:
     def unet_calls_per_crop(self) -> int:
         """The most a crop can cost; with ``tol`` the inversion usually stops well before."""
         s = self.settings
-        return s.steps * (1 + s.refine) + s.steps + s.steps  # invert + sample + background
+        background = 0 if self.model.conditioned else s.steps
+        return s.steps * (1 + s.refine) + s.steps + background  # invert + sample + background
 
     @property
     def mean_unet_calls_per_crop(self) -> float:
@@ -280,6 +287,8 @@ class Engine:
 
         ``m``, the latent face mask, is what a conditioned prior is told to leave out.
         """
+        if self.model.conditioned:
+            return self.noised_background(zbg)
         cond = self.condition([zbg], m) if m is not None else None
         traj = [zbg]
         z = zbg
@@ -287,6 +296,24 @@ class Engine:
             z = self.ddim.unstep(z, self._eps(z, k, cond), k)
             traj.append(z)
         return traj[::-1]
+
+    def noised_background(self, zbg: torch.Tensor) -> list[torch.Tensor]:
+        """A conditioned prior's background trajectory: the background noised forward with
+        one fixed, public noise pattern, ``sqrt(a_k) * zbg + sqrt(1 - a_k) * n``.
+
+        Inverting the background with such a prior is degenerate: shown the clean background
+        as its condition, it predicts the noise outside the mask as whatever separates ``z``
+        from it, which along the inversion is nothing, so the trajectory collapses to
+        ``sqrt(a_k) * zbg``, a noiseless surrounding it never saw in training. Forward
+        noising is what training showed it, costs no UNet call, and depends on the
+        background only, so anonymization and recovery still share it.
+        """
+        shape = tuple(self.model.spec.latent_shape)
+        if self._bg_noise is None or tuple(self._bg_noise.shape) != shape:
+            g = torch.Generator().manual_seed(BACKGROUND_NOISE_SEED)
+            self._bg_noise = torch.randn(shape, generator=g)
+        n = self._bg_noise.to(zbg.device, zbg.dtype).unsqueeze(0)
+        return [a**0.5 * zbg + (1 - a) ** 0.5 * n for a in self.ddim.alphas]
 
     @torch.no_grad()
     def invert(self, z0: torch.Tensor, m: torch.Tensor, bg: list[torch.Tensor]) -> torch.Tensor:

@@ -67,9 +67,19 @@ def run_template(run_dir: Path, faces: Path | None = FACES_128) -> dict:
     return info
 
 
+def _init_record(meta: dict) -> dict | None:
+    """Where a run started from (``train --init-from``); early runs kept it in the history."""
+    if meta.get("init_from"):
+        return meta["init_from"]
+    for h in meta.get("history", []):
+        if "init_step" in h:
+            return {"path": h["init_from"], "step": h["init_step"]}
+    return None
+
+
 def _card_block(meta: dict, tmpl: dict, dest: Path) -> str:
     cfg = meta["config"]
-    hist = meta.get("history", [])
+    hist = [h for h in meta.get("history", []) if "step" in h and "loss" in h]
     pts = [h for h in hist if h["step"] in _pick_steps([h["step"] for h in hist])]
     curve = ", ".join(f"{h['step']}: {h['loss']:.4f}" for h in pts)
     minutes = _train_minutes(hist)
@@ -94,6 +104,9 @@ def _card_block(meta: dict, tmpl: dict, dest: Path) -> str:
             else "."
         ),
         f"- UNet weights: {size / 1e6:.1f} MB fp16 safetensors.",
+        *([f"- Background-conditioned (`vidanon.prior.inpaint`), started from the "
+           f"unconditional prior at step {init['step']}."]
+          if (init := _init_record(meta)) else []),
         CARD_END,
     ]
     return "\n".join(lines)

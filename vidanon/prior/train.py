@@ -376,6 +376,7 @@ def train_prior(
         )
     ema = copy.deepcopy(model).requires_grad_(False)
     history: list[dict] = list(ckpt_meta.get("history", [])) if ckpt_meta else []
+    init_info: dict | None = ckpt_meta.get("init_from") if ckpt_meta else None
     step = 0
     if ckpt_tensors is not None and ckpt_meta is not None:
         model.load_state_dict({k[6:]: v for k, v in ckpt_tensors.items() if k.startswith("model.")})
@@ -390,7 +391,7 @@ def train_prior(
         base = widen(base) if inpaint else base
         model.load_state_dict(base.state_dict())
         ema.load_state_dict(base.state_dict())
-        history.append({"init_from": str(init_from), "init_step": int(base_meta["step"])})
+        init_info = {"path": str(init_from), "step": int(base_meta["step"])}
     model.to(dev).train()
     ema.to(dev).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -427,6 +428,7 @@ def train_prior(
             "torch_rng": _b64(torch.get_rng_state()),
             "cuda_rng": _b64(torch.cuda.get_rng_state()) if dev.type == "cuda" else "",
             "history": history,
+            "init_from": init_info,
             "latent_stats": latent_stats,
             "device": str(dev),
             "torch": torch.__version__,
