@@ -137,3 +137,18 @@ def test_inpaint_training_from_an_unconditional_checkpoint(tmp_path, synth):
     assert model.conditioned and tuple(model.spec.latent_shape) == (3, 16, 16)
     hist = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert hist["step"] == 5 and np.isfinite(hist["loss"])
+
+
+def test_conditioned_background_is_noised_forward_without_a_unet_call(cond_pixel):
+    eng = Engine(cond_pixel, EngineSettings(steps=5, refine=1))
+    zbg = torch.randn(3, 3, 32, 32)
+    before = eng.evals
+    bg = eng.background_trajectory(zbg)
+    assert eng.evals == before  # no UNet evaluation
+    assert len(bg) == 6 and torch.equal(bg[-1], zbg)
+    # The noisiest level is mostly the fixed noise, the same for every crop.
+    noise0 = (bg[0] - eng.ddim.alphas[0] ** 0.5 * zbg) / (1 - eng.ddim.alphas[0]) ** 0.5
+    assert torch.allclose(noise0[0], noise0[1], atol=1e-5)
+    assert 0.9 < float(noise0.std()) < 1.1
+    again = Engine(cond_pixel, EngineSettings(steps=5, refine=1)).background_trajectory(zbg)
+    assert all(torch.equal(a, b) for a, b in zip(bg, again))
