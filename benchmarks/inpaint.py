@@ -26,11 +26,10 @@ import torch
 from benchmarks._common import ROOT, machine, md_table, set_threads, write_results
 from benchmarks._identity import cached_thresholds, face_rate, identity_models, to_uint8_rgb
 from benchmarks.noise_scale import through_frame
-from benchmarks.quality import heldout_faces
+from benchmarks.quality import heldout_set
 from vidanon.align import from_tensor_batch, oval_mask, paste_alpha, to_tensor_batch
 from vidanon.diffusion.engine import Engine, EngineSettings
 from vidanon.diffusion.models import load_model
-from vidanon.keys import Key
 
 PNG = ROOT / "docs" / "inpaint_prior.png"
 BAND = 4
@@ -85,12 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_threads(1)
     base, cond = load_model(a.baseline), load_model(a.model)
     spec = base.spec
-    x = heldout_faces(spec)[: a.n]
-    ov = oval_mask(spec)
-    alpha = paste_alpha(spec, 0.06, ov)
-    masks = torch.from_numpy((ov > 0.5).astype(np.float32))[None, None].repeat(len(x), 1, 1, 1)
-    rng = np.random.default_rng(0)
-    keys = [Key(rng.bytes(16)) for _ in range(len(x))]
+    x, masks, keys = heldout_set(spec, a.n)
+    alpha = paste_alpha(spec, 0.06, oval_mask(spec))
     ids = identity_models(spec)
     shapes = [idm.prepare(x) for idm in ids]
     e0 = [idm.embed(x, sh) for idm, sh in zip(ids, shapes, strict=True)]

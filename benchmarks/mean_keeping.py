@@ -24,11 +24,9 @@ import torch
 
 from benchmarks._common import ROOT, machine, md_table, set_threads, write_results
 from benchmarks._identity import cached_thresholds, face_rate, identity_models, to_uint8_rgb
-from benchmarks.quality import heldout_faces
-from vidanon.align import oval_mask
+from benchmarks.quality import heldout_set
 from vidanon.diffusion.engine import Engine, EngineSettings
 from vidanon.diffusion.models import load_model
-from vidanon.keys import Key
 
 PNG = ROOT / "docs" / "mean_keeping_flip.png"
 
@@ -54,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_threads(1)
     model = load_model(None)
     eng = Engine(model, EngineSettings(steps=8, refine=4, tol=0.002))
-    x = heldout_faces(model.spec)[: a.n]
-    masks = torch.from_numpy(oval_mask(model.spec))[None, None].repeat(len(x), 1, 1, 1)
-    rng = np.random.default_rng(0)
-    keys = [Key(rng.bytes(16)) for _ in range(len(x))]
+    x, masks, keys = heldout_set(model.spec, a.n)
     zT, bg, m = eng._invert_crops(x, masks)
     s = eng.flips(keys)
     inverse_error = float((mean_keeping(mean_keeping(zT, s, m), s, m, True) - zT).abs().max())

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks._common import machine, md_table, set_threads, write_results
 from benchmarks._identity import cached_thresholds, face_rate, identity_models, to_uint8_rgb
-from benchmarks.quality import heldout_faces
+from benchmarks.quality import heldout_set
 from vidanon.align import (
     from_tensor_batch,
     oval_mask,
@@ -39,7 +39,6 @@ from vidanon.align import (
 )
 from vidanon.diffusion.engine import Engine, EngineSettings, Inversions
 from vidanon.diffusion.models import load_model
-from vidanon.keys import Key
 
 
 def through_frame(orig: np.ndarray, anon: np.ndarray, alpha: np.ndarray, scale: float,
@@ -98,12 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_threads(1)
     model = load_model(a.model)
     spec = model.spec
-    x = heldout_faces(spec)[: a.n]
-    ov = oval_mask(spec)
-    alpha = paste_alpha(spec, 0.06, ov)
-    masks = torch.from_numpy(ov)[None, None].repeat(len(x), 1, 1, 1)
-    rng = np.random.default_rng(0)
-    keys = [Key(rng.bytes(16)) for _ in range(len(x))]
+    x, masks, keys = heldout_set(spec, a.n)
+    alpha = paste_alpha(spec, 0.06, oval_mask(spec))
     mf = identity_models(spec)[0]
     thr = cached_thresholds()[mf.name]["threshold"]
     e0 = mf.embed(x)

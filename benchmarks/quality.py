@@ -107,6 +107,15 @@ def heldout_faces(spec: ModelSpec) -> torch.Tensor:
     return torch.from_numpy(faces[held].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
 
 
+def heldout_set(spec: ModelSpec, n: int) -> tuple[torch.Tensor, torch.Tensor, list[Key]]:
+    """The first ``n`` held-out faces, the model's oval as each one's mask, and one fixed
+    random key per face: the set-up every held-out-face benchmark starts from."""
+    x = heldout_faces(spec)[:n]
+    masks = torch.from_numpy((oval_mask(spec) > 0.5).astype(np.float32))[None, None]
+    rng = np.random.default_rng(0)
+    return x, masks.repeat(len(x), 1, 1, 1), [Key(rng.bytes(16)) for _ in range(len(x))]
+
+
 def video_faces(spec: ModelSpec, settings: dict, per_track: int, max_tracks: int = 3,
                 min_eye_px: float = 16.0) -> tuple[torch.Tensor, list[str]]:
     """Aligned crops of the longest tracks in the shared clips, and a group label per crop."""
