@@ -48,11 +48,13 @@ def seam(y: torch.Tensor, m: torch.Tensor) -> np.ndarray:
     return ((mean(inner) - mean(outer)).abs().mean(1) * 127.5).numpy()
 
 
-def evaluate(model, x, masks, alpha, keys, ids, shapes, e0, thr) -> tuple[dict, torch.Tensor,
-                                                                        torch.Tensor]:
-    eng = Engine(model, EngineSettings(steps=8, refine=4, tol=0.002))
+def evaluate(model, x, masks, alpha, keys, ids, shapes, e0, thr, tau: float = 1.0,
+             keep: float = 0.0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    eng = Engine(model, EngineSettings(steps=8, refine=4, tol=0.002, temperature=tau,
+                                       keep_mean=keep))
     anon = eng.anonymize(x, masks, keys)
-    row: dict = {"model": model.spec.name, "conditioned": model.conditioned,
+    row: dict = {"model": model.spec.name, "conditioned": model.conditioned, "temperature": tau,
+                 "keep_mean": keep,
                  "weights_sha256": model.spec.weights_sha256[:12],
                  "face_found": round(face_rate(to_uint8_rgb(anon)), 4)}
     for idm, sh, e, t in zip(ids, shapes, e0, thr, strict=True):
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", required=True, help="a background-conditioned model folder")
     ap.add_argument("--baseline", default="bundled")
     ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=1.0, help="for both models")
+    ap.add_argument("--keep-mean", type=float, nargs="+", default=[0.0],
+                    help="the conditioned model's keyed map: 0 = ±1 flip, else mean-keeping")
     a = ap.parse_args(argv)
     set_threads(1)
     base, cond = load_model(a.baseline), load_model(a.model)
@@ -92,29 +97,32 @@ def main(argv: list[str] | None = None) -> dict:
     table = cached_thresholds()
     thr = [table[idm.name]["threshold"] for idm in ids]
     rows, cols = [], [to_uint8_rgb(x)]
-    for model in (base, cond):
-        row, anon, rec = evaluate(model, x, masks, alpha, keys, ids, shapes, e0, thr)
+    for model, keep in [(base, 0.0)] + [(cond, k) for k in a.keep_mean]:
+        row, anon, rec = evaluate(model, x, masks, alpha, keys, ids, shapes, e0, thr,
+                                  a.temperature, keep)
         rows.append(row)
         cols.append(to_uint8_rgb(anon))
         print(row, flush=True)
     cols.append(to_uint8_rgb(rec))
     grid = np.concatenate([np.concatenate(list(c[:8]), 0) for c in cols], 1)
     cv2.imwrite(str(PNG), grid[..., ::-1])
-    res = {"machine": machine(), "faces": len(x), "steps": 8,
+    res = {"machine": machine(), "faces": len(x), "steps": 8, "temperature": a.temperature,
            "thresholds": dict(zip([i.name for i in ids], thr, strict=True)), "rows": rows}
     names = [i.name for i in ids]
     md = "\n".join([
         "## A prior that sees the background", "",
-        f"`python -m benchmarks.inpaint` ({len(x)} held-out faces, 8 DDIM steps, oval mask, "
+        f"`python -m benchmarks.inpaint` ({len(x)} held-out faces, 8 DDIM steps, temperature "
+        f"{a.temperature}, oval mask, "
         "FAR 0.1 % thresholds for sharp faces: "
         + ", ".join(f"{n} {t}" for n, t in zip(names, thr, strict=True))
         + "). *Seam*: the jump in mean colour across the mask's edge beyond the original's "
         "own (0-255); *recovered*: MobileFaceNet TAR with the right key after a frame at 1.0 "
         "and 0.5 of the crop's size. Picture: `docs/inpaint_prior.png` (original | "
         "unconditional | conditioned | conditioned, recovered).", "",
-        md_table(["model", "conditioned", "face found"] + [f"matched ({n})" for n in names]
+        md_table(["model", "conditioned", "keep mean", "face found"]
+                 + [f"matched ({n})" for n in names]
                  + ["colour error", "seam", "recovered @ 1.0", "recovered @ 0.5"],
-                 [[r["model"] + " " + r["weights_sha256"], r["conditioned"],
+                 [[r["model"] + " " + r["weights_sha256"], r["conditioned"], r["keep_mean"],
                    f"{100 * r['face_found']:.1f} %"]
                   + [f"{100 * r[f'matched_{n}']:.1f} %" for n in names]
                   + [r["colour_error"], r["seam"],

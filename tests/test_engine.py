@@ -233,3 +233,39 @@ def test_inversion_memo_serves_a_new_key_without_inverting_again(pixel):
     tiny = Inversions(max_bytes=1)  # too small to keep anything: still correct
     assert torch.allclose(Engine(pixel, s, tiny).anonymize(x, m, _keys(seed=2)), want,
                           atol=1e-4)
+
+
+def test_mean_keeping_flip_keeps_the_masks_mean_scrambles_the_rest_and_inverts():
+    from vidanon.diffusion.keyed import mask_unit, mean_keeping_flip
+
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 4, 8, 8, generator=g) + 0.7  # a non-zero mean per channel
+    s = torch.where(torch.rand(3, 4, 8, 8, generator=g) < 0.5, -1.0, 1.0)
+    m = torch.zeros(3, 1, 8, 8)
+    m[..., 2:7, 1:6] = 1
+    u = mask_unit(m, z)
+    mean = (z * u).sum((2, 3))
+    for keep in (1.0, 0.5):
+        y = mean_keeping_flip(z, s, m, keep)
+        assert torch.allclose((y * u).sum((2, 3)), keep * mean, atol=1e-5)
+        assert torch.equal(y * (1 - m), z * (1 - m))  # outside the mask: untouched
+        rest_z = z * m - mean[..., None, None] * u
+        rest_y = y * m - (y * u).sum((2, 3), keepdim=True) * u
+        # Orthogonal on the rest: same norm, but scrambled (far from the original).
+        assert torch.allclose(rest_z.norm(), rest_y.norm(), rtol=1e-4)
+        assert float((rest_y - rest_z).norm()) > float(rest_z.norm())
+        assert torch.allclose(mean_keeping_flip(y, s, m, keep, inverse=True), z, atol=1e-5)
+    # The plain flip does not keep the mean.
+    flipped = s * z * m + z * (1 - m)
+    assert float(((flipped * u).sum((2, 3)) - mean).abs().mean()) > 0.5
+
+
+def test_engine_with_mean_keeping_recovers_and_differs_from_the_flip(pixel):
+    x, m, keys = _faces(32), _masks(pixel), _keys()
+    eng = Engine(pixel, EngineSettings(steps=6, refine=3, keep_mean=0.5))
+    anon = eng.anonymize(x, m, keys)
+    assert psnr(eng.recover(anon, m, keys), x, mask=m) > psnr(anon, x, mask=m) + 20
+    flip = Engine(pixel, EngineSettings(steps=6, refine=3)).anonymize(x, m, keys)
+    assert psnr(flip, anon, mask=m) < 40
+    wrong = eng.recover(anon, m, _keys(seed=9))
+    assert psnr(wrong, x, mask=m) < psnr(anon, x, mask=m) + 5

@@ -56,6 +56,7 @@ class DiffusionSettings(_Section):
     strength: float | None = Field(default=None, gt=0, le=1)
     temperature: float | None = Field(default=None, gt=0, le=1)
     anchor: float | None = Field(default=None, ge=0, lt=1)
+    keep_mean: float | None = Field(default=None, ge=0, le=1)
     batch_size: int = Field(ge=1, le=4096)
 
 

@@ -56,12 +56,12 @@ def engine_settings(model: FaceModel, settings: dict) -> EngineSettings:
     return EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
                           tol=float(d.get("tol", 0.0)), strength=float(d["strength"]),
                           temperature=float(d["temperature"]), anchor=float(d["anchor"]),
-                          batch_size=int(d["batch_size"]))
+                          keep_mean=float(d["keep_mean"]), batch_size=int(d["batch_size"]))
 
 
 # Settings a model recommends when the preset leaves them null, and what applies when
 # neither says (also what sidecars written before the setting existed were made with).
-MODEL_DEFAULTS = {"strength": 1.0, "temperature": 1.0, "anchor": 0.0}
+MODEL_DEFAULTS = {"strength": 1.0, "temperature": 1.0, "anchor": 0.0, "keep_mean": 0.0}
 
 
 def resolve_diffusion(spec: ModelSpec, settings: dict) -> dict:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from vidanon.diffusion.ddim import DDIM
+from vidanon.diffusion.keyed import mean_keeping_flip
 from vidanon.diffusion.models import FaceModel
 from vidanon.keys import Key, anchor_noise, flip_signs
 from vidanon.prior.inpaint import condition
@@ -56,6 +57,7 @@ class EngineSettings:
     strength: float = 1.0  # noisiest level as a fraction of the schedule (img2img strength)
     temperature: float = 1.0  # overall scale of the face noise after anonymization (tau)
     anchor: float = 0.0  # share of its variance from the track's key-derived noise (w)
+    keep_mean: float = 0.0  # 0: the reference ±1 flip; in (0, 1]: mean-keeping flip (keyed.py)
     tol: float = 0.0  # stop refining a level once every crop's RMS residual is below this
     batch_size: int = 32
     fill_sigma: float = 0.12  # background fill blur, as a fraction of the crop side
@@ -223,7 +225,13 @@ class Engine:
         a, b = self.mix
         s = self.flips(keys).to(zT.device)
         n = self.anchors(keys).to(zT.device) if b else torch.zeros_like(zT)
-        inside = a * s * zT + b * n if forward else s * (zT - b * n) / a
+        keep = self.settings.keep_mean
+        if forward:
+            flipped = mean_keeping_flip(zT, s, m, keep) if keep else s * zT
+            inside = a * flipped + b * n
+        else:
+            y = (zT - b * n) / a
+            inside = mean_keeping_flip(y, s, m, keep, inverse=True) if keep else s * y
         return m * inside + (1 - m) * zT
 
     @property

@@ -155,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="recommended scale of the flipped face noise (engine default; "
                          "benchmarks.prior measures the face rate at it)")
+    ap.add_argument("--keep-mean", type=float, default=0.0,
+                    help="recommended keyed map: 0 = ±1 flip, in (0, 1] = mean-keeping flip "
+                         "(vidanon/diffusion/keyed.py)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -162,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _, meta = load_checkpoint(a.run_dir)
     dest = export_weights(a.run_dir, a.dest, tmpl["template"], tmpl["face_oval"],
                           extra_meta={"engine": {"strength": a.strength,
-                                                      "temperature": a.temperature}})
+                                                      "temperature": a.temperature,
+                                                      "keep_mean": a.keep_mean}})
     if a.decoder is not None:
         from vidanon.prior.cycle import export_decoder
 
