@@ -39,6 +39,7 @@ from benchmarks._identity import (
 from vidanon.align import crop_transform, frame_eye_px, oval_mask, to_tensor_batch, warp_crop
 from vidanon.config import load_settings
 from vidanon.diffusion.engine import Engine, _blur, background_fill, psnr
+from vidanon.diffusion.keyed import mean_keeping_flip
 from vidanon.diffusion.models import ModelSpec, load_model
 from vidanon.keys import Key
 from vidanon.media import probe, read_frames
@@ -71,14 +72,23 @@ def _decode(eng: Engine, z: torch.Tensor) -> torch.Tensor:
     return z if eng.model.vae is None else eng.model.decode(z).float()
 
 
+def _unmap(eng: Engine, zt: torch.Tensor, m: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """The engine's inverse keyed map with guessed signs in place of the key's: what an
+    attacker who knows the method (and the public temperature and keep_mean) computes. The
+    key's anchor noise is unknown to the attacker and left in."""
+    y = zt / eng.mix[0]
+    keep = eng.settings.keep_mean
+    inside = mean_keeping_flip(y, signs, m, keep, inverse=True) if keep else signs * y
+    return m * inside + (1 - m) * zt
+
+
 @torch.no_grad()
 def smoothness_attack(eng: Engine, anon: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """No key: invert the anonymized face, then guess each sign from its neighbourhood
     (assume the original noise was spatially smoother than the flipped one) and sample."""
     zt, m, bg = _inverted(eng, anon, masks)
     guess = torch.sign(_blur(zt, 1.0)) * torch.sign(zt)  # flip where a point disagrees locally
-    inv = 1.0 / eng.mix[0]  # public, in the sidecar: the attacker divides it out
-    return _decode(eng, eng.sample(zt * (m * guess * inv + (1 - m)), m, bg))
+    return _decode(eng, eng.sample(_unmap(eng, zt, m, guess), m, bg))
 
 
 @torch.no_grad()
@@ -96,9 +106,7 @@ def icm_attack(eng: Engine, anon: torch.Tensor, masks: torch.Tensor,
         v = s * zt * m
         neighbours = _blur(v, sigma) - centre * v
         s = torch.where(m > 0, torch.sign(zt * neighbours + 1e-12), torch.ones_like(zt))
-    inv = 1.0 / eng.mix[0]  # the key's anchor noise is unknown to the attacker: left in
-    return tuple(_decode(eng, eng.sample(zt * (m * s * g * inv + (1 - m)), m, bg))
-                 for g in (1, -1))
+    return tuple(_decode(eng, eng.sample(_unmap(eng, zt, m, s * g), m, bg)) for g in (1, -1))
 
 
 def heldout_faces(spec: ModelSpec) -> torch.Tensor:
