@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         eng = Engine(model, EngineSettings(steps=steps, refine=2, strength=1.0))
         filled = background_fill(x, masks, eng.settings.fill_sigma * model.spec.crop_size)
         m = eng.latent_mask(masks)
-        bg = eng.background_trajectory(model.encode(filled).float(), m)
+        bg = eng.background_trajectory(model.encode(filled).float())
         zT = eng.invert(model.encode(x).float(), m, bg)
         inside = zT[m.expand_as(zT) > 0]
         pairs = (m[..., :, 1:] * m[..., :, :-1]).expand_as(zT[..., :, 1:]) > 0

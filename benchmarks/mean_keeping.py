@@ -20,29 +20,15 @@ import argparse
 
 import cv2
 import numpy as np
-import torch
 
 from benchmarks._common import ROOT, machine, md_table, set_threads, write_results
 from benchmarks._identity import cached_thresholds, face_rate, identity_models, to_uint8_rgb
 from benchmarks.quality import heldout_set
 from vidanon.diffusion.engine import Engine, EngineSettings
+from vidanon.diffusion.keyed import mean_keeping_flip as mean_keeping
 from vidanon.diffusion.models import load_model
 
 PNG = ROOT / "docs" / "mean_keeping_flip.png"
-
-
-def mean_keeping(z: torch.Tensor, s: torch.Tensor, m: torch.Tensor,
-                 inverse: bool = False) -> torch.Tensor:
-    """``H D z`` inside the mask ``m`` (or its inverse ``D H z``); outside, ``z``."""
-    u = (m / m.sum((2, 3), keepdim=True).clamp_min(1).sqrt()).expand_as(z)
-    v = s * u - u
-    vv = (v * v).sum((2, 3), keepdim=True).clamp_min(1e-12)
-
-    def h(y: torch.Tensor) -> torch.Tensor:
-        return y - 2 * v * (v * y).sum((2, 3), keepdim=True) / vv
-
-    y = h(s * z * m) if not inverse else s * h(z * m)
-    return m * y + (1 - m) * z
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     x, masks, keys = heldout_set(model.spec, a.n)
     zT, bg, m = eng._invert_crops(x, masks)
     s = eng.flips(keys)
-    inverse_error = float((mean_keeping(mean_keeping(zT, s, m), s, m, True) - zT).abs().max())
+    back = mean_keeping(mean_keeping(zT, s, m), s, m, inverse=True)
+    inverse_error = float((back - zT).abs().max())
     mf = identity_models(model.spec)[0]
     thr = cached_thresholds()[mf.name]["threshold"]
     e0 = mf.embed(x)

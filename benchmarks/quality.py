@@ -63,8 +63,8 @@ def _inverted(eng: Engine, anon: torch.Tensor, masks: torch.Tensor):
     """What anyone can compute from the anonymized crop: its inverted (sign-flipped) noise."""
     model = eng.model
     sigma = eng.settings.fill_sigma * model.spec.crop_size
+    bg = eng.background_trajectory(model.encode(background_fill(anon, masks, sigma)).float())
     m = eng.latent_mask(masks)
-    bg = eng.background_trajectory(model.encode(background_fill(anon, masks, sigma)).float(), m)
     return eng.invert(model.encode(anon).float(), m, bg), m, bg
 
 

@@ -289,19 +289,15 @@ class Engine:
         return condition(bg[-1], m) if self.model.conditioned else None
 
     @torch.no_grad()
-    def background_trajectory(self, zbg: torch.Tensor,
-                              m: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Plain DDIM inversion of the background-only latent; index = level.
-
-        ``m``, the latent face mask, is what a conditioned prior is told to leave out.
-        """
+    def background_trajectory(self, zbg: torch.Tensor) -> list[torch.Tensor]:
+        """Plain DDIM inversion of the background-only latent; index = level (a conditioned
+        prior gets ``noised_background`` instead)."""
         if self.model.conditioned:
             return self.noised_background(zbg)
-        cond = self.condition([zbg], m) if m is not None else None
         traj = [zbg]
         z = zbg
         for k in reversed(range(self.ddim.steps)):
-            z = self.ddim.unstep(z, self._eps(z, k, cond), k)
+            z = self.ddim.unstep(z, self._eps(z, k), k)
             traj.append(z)
         return traj[::-1]
 
@@ -361,7 +357,7 @@ class Engine:
         z0 = self.model.encode(x).float()
         zbg = self.model.encode(filled).float()
         m = self.latent_mask(masks)
-        bg = self.background_trajectory(zbg, m)
+        bg = self.background_trajectory(zbg)
         return self.invert(z0, m, bg), bg, m
 
     @torch.no_grad()

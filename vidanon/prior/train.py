@@ -339,8 +339,9 @@ def train_prior(
             ("data", _data_label(data)),
             ("inpaint", inpaint),
         ):
-            if old.get(key, False) != new:
-                raise ValueError(f"resume: {key} was {old[key]!r} in the checkpoint, now {new!r}")
+            was = old.get(key, False)  # runs from before ``inpaint`` existed: False
+            if was != new:
+                raise ValueError(f"resume: {key} was {was!r} in the checkpoint, now {new!r}")
 
     with torch.random.fork_rng(devices=[]):  # init from the seed, leave global RNG alone
         torch.manual_seed(seed)
