@@ -7,14 +7,22 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from vidanon.diffusion.engine import Engine, EngineSettings, psnr
 from vidanon.diffusion.models import load_folder
 from vidanon.prior.autoencoder import BUNDLED_TAEF2, load_taef2
 from vidanon.prior.cycle import cycle_error
-from vidanon.prior.latents import channel_stats, encode_cache, load_latents
-from vidanon.prior.train import export_weights, make_scheduler, train_prior
+from vidanon.prior.latents import (
+    at_frame_scale,
+    channel_stats,
+    encode_cache,
+    encode_scaled_cache,
+    load_latents,
+    load_scaled,
+)
+from vidanon.prior.train import export_weights, make_scheduler, small_face_draw, train_prior
 
 TEMPLATE = [[0.27, 0.25], [0.69, 0.25], [0.47, 0.47], [0.29, 0.66], [0.64, 0.67]]
 
@@ -41,6 +49,42 @@ def _faces_npz(path: Path, n: int = 24, size: int = 128) -> Path:
     np.savez(path, jpeg=np.concatenate(blobs), offsets=np.array(offsets, np.int64),
              names=np.array(names))
     return path
+
+
+def test_small_face_cache_holds_only_the_frames_detail_and_training_draws_from_it(tmp_path):
+    npz = _faces_npz(tmp_path / "f.npz", n=16)
+    with np.load(npz) as z:
+        img = cv2.imdecode(z["jpeg"][z["offsets"][0]:z["offsets"][1]], 1)[None]
+    img = img.copy()
+    img[0, ::2] = 255  # fine stripes: detail a face 0.3 of the crop's size cannot hold
+    small = at_frame_scale(img, 0.3)
+    assert small.shape == img.shape
+    stripes = lambda a: np.abs(np.diff(a.astype(float), axis=1)).mean()  # noqa: E731
+    assert stripes(small) < 0.2 * stripes(img)
+    assert np.abs(at_frame_scale(img, 1.0).astype(int) - img).max() <= 1
+    cache = encode_cache(npz, tmp_path / "lat.npz", quiet=True)
+    scaled = encode_scaled_cache(npz, tmp_path / "small.npz", [0.3, 0.5], quiet=True)
+    by_scale, names = load_scaled(scaled)
+    lat, _, names0 = load_latents(cache)
+    assert list(by_scale) == [0.3, 0.5] and names == names0
+    assert by_scale[0.3].shape == lat.shape and not np.allclose(by_scale[0.3], lat, atol=1e-2)
+    # The draw is a function of (seed, step): a resumed run continues it.
+    a, b = small_face_draw(64, 0, 7, 0.5, 2), small_face_draw(64, 0, 7, 0.5, 2)
+    assert (a[0] == b[0]).all() and (a[1] == b[1]).all() and 10 < a[0].sum() < 54
+    assert set(a[1]) == {0, 1} and not small_face_draw(64, 0, 7, 0.0, 2)[0].any()
+    run = tmp_path / "run"
+    train_prior(cache, run, resolution=16, preset="tiny", steps=2, batch_size=8, quiet=True,
+                device="cpu")
+    # The share can be turned on when resuming (an augmentation); the config says so.
+    train_prior(cache, run, resolution=16, preset="tiny", steps=4, batch_size=8, quiet=True,
+                device="cpu", resume=run, scaled=scaled, small_faces=0.5)
+    cfg = json.loads((run / "train_config.json").read_text())
+    assert cfg["small_faces"] == 0.5 and cfg["scaled"] == "small.npz"
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 4 and last["small_faces"] == 0.5
+    with pytest.raises(ValueError, match="small faces"):
+        train_prior(cache, run, resolution=16, preset="tiny", steps=5, batch_size=8,
+                    quiet=True, device="cpu", resume=run, small_faces=0.5)
 
 
 def test_taef2_ships_with_its_licence_and_reconstructs(tmp_path):

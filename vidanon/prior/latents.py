@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -50,6 +51,60 @@ def encode_cache(data: str | Path, out: Path, resolution: int = 128,
     return out
 
 
+def at_frame_scale(faces: np.ndarray, scale: float) -> np.ndarray:
+    """Faces as a video holds them when the face is ``scale`` times the crop's size in the
+    frame: shrunk with area averaging (the camera) and cropped back up with the aligner's
+    cubic warp (``vidanon.align.warp_crop``), so the crop has only the detail the frame had."""
+    n, size = faces.shape[0], faces.shape[1]
+    side = max(8, int(round(size * scale)))
+    out = np.empty_like(faces)
+    for i in range(n):
+        small = cv2.resize(faces[i], (side, side), interpolation=cv2.INTER_AREA)
+        out[i] = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+    return out
+
+
+def encode_scaled_cache(data: str | Path, out: Path, scales: list[float],
+                        resolution: int = 128, ae: TinyAutoencoder | None = None,
+                        batch: int = 64, quiet: bool = False) -> Path:
+    """Latents of the faces as small video faces (``at_frame_scale``), one array per scale.
+
+    Why: a prior that only saw sharp faces completes a face with sharp texture inside a
+    blurred crop of a small video face. That texture is lost when the face is pasted into
+    the frame, recovery re-encodes a different latent and the keyed flip spreads the
+    difference over the whole face. Trained also on these, a background-conditioned prior
+    completes the face at the sharpness of its surroundings.
+    """
+    faces, names = load_dataset(data, resolution)
+    ae = ae or load_taef2()
+    arrays = {}
+    with torch.no_grad():
+        for s in scales:
+            small = at_frame_scale(faces, s)
+            part = []
+            for i in tqdm(range(0, len(faces), batch), disable=quiet, desc=f"encode @{s}"):
+                x = torch.from_numpy(small[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                part.append(ae.encode_raw(x).half().numpy())
+            arrays[scale_key(s)] = np.concatenate(part)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial.npz")
+    np.savez(tmp, names=np.array(names), scales=np.array(scales, np.float32), **arrays)
+    tmp.replace(out)
+    return out
+
+
+def scale_key(scale: float) -> str:
+    return f"latents_s{round(scale * 100):03d}"
+
+
+def load_scaled(path: str | Path) -> tuple[dict[float, np.ndarray], list[str]]:
+    """Per frame scale, raw latents (N, C, h, w) float16 of the faces at that scale; names."""
+    with np.load(path) as z:
+        scales = [round(float(s), 4) for s in z["scales"]]
+        return {s: z[scale_key(s)] for s in scales}, [str(n) for n in z["names"]]
+
+
 def load_latents(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """Raw latents (N, C, h, w) float16, their mirrored counterparts (or None), names."""
     with np.load(path) as z:
@@ -66,14 +121,20 @@ def channel_stats(latents: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 def main() -> None:
-    """``python -m vidanon.prior.latents FACES.npz OUT.npz``: build the latent cache."""
+    """``python -m vidanon.prior.latents FACES.npz OUT.npz [--scales 0.3 0.5]``: build the
+    latent cache (with ``--scales``: the small-video-face cache instead)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m vidanon.prior.latents")
     ap.add_argument("faces")
     ap.add_argument("out", type=Path)
+    ap.add_argument("--scales", type=float, nargs="+", default=None,
+                    help="frame scales (face size / crop size) for a small-face cache")
     a = ap.parse_args()
-    encode_cache(a.faces, a.out)
+    if a.scales:
+        encode_scaled_cache(a.faces, a.out, a.scales)
+    else:
+        encode_cache(a.faces, a.out)
 
 
 if __name__ == "__main__":

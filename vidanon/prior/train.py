@@ -53,7 +53,7 @@ from vidanon.prior.data import (
     split_indices,
 )
 from vidanon.prior.inpaint import cond_channels, condition, train_masks, widen
-from vidanon.prior.latents import channel_stats, is_latent_cache, load_latents
+from vidanon.prior.latents import channel_stats, is_latent_cache, load_latents, load_scaled
 
 NUM_TRAIN_TIMESTEPS = 1000
 EXPORT_BYTES = 48_000_000
@@ -182,6 +182,18 @@ class TrainConfig:
     n_heldout: int
     heldout_rule: str = HELDOUT_RULE
     inpaint: bool = False  # background-conditioned (vidanon.prior.inpaint)
+    # Share of each batch drawn from ``scaled`` (faces as small video faces, latents.py);
+    # may change on resume (an augmentation, not the model's shape): ``history`` says when.
+    small_faces: float = 0.0
+    scaled: str = ""
+
+
+def small_face_draw(batch_size: int, seed: int, step: int, share: float, n_scales: int,
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Which faces of a step's batch come at a small frame scale, and at which (index); a
+    pure function of (seed, step) like ``flip_mask``, so resuming continues the same draw."""
+    rng = np.random.default_rng([seed, step, 0x5CA1E])
+    return rng.random(batch_size) < share, rng.integers(0, max(n_scales, 1), batch_size)
 
 
 def _stream_seed(seed: int, step: int) -> int:
@@ -282,6 +294,8 @@ def train_prior(
     inpaint: bool = False,
     init_from: Path | None = None,
     face_oval: Sequence[float] | None = None,
+    scaled: str | Path | None = None,
+    small_faces: float = 0.0,
 ) -> Path:
     """Train (or resume training) a face prior; returns the newest checkpoint folder.
 
@@ -294,7 +308,9 @@ def train_prior(
 
     ``inpaint`` trains a background-conditioned prior (``vidanon.prior.inpaint``) on random
     face ovals around ``face_oval`` (default: ``out/template.json``'s); ``init_from`` starts
-    it from an unconditional checkpoint's weights, widened, at step 0.
+    it from an unconditional checkpoint's weights, widened, at step 0. ``scaled`` (a cache of
+    ``latents.encode_scaled_cache``) and ``small_faces`` draw that share of each batch as
+    small video faces, at one of the cache's frame scales.
     """
     t_start = time.monotonic()
     out = Path(out)
@@ -316,6 +332,15 @@ def train_prior(
         lat_flip_t = lat_t if lat_flip is None else (
             (torch.from_numpy(lat_flip).float() - sh) / sc).to(dev)
         channels = lat.shape[1]
+        scaled_t = None
+        if small_faces > 0:
+            if scaled is None:
+                raise ValueError("small_faces needs a cache of small faces (scaled)")
+            by_scale, scaled_names = load_scaled(scaled)
+            if scaled_names != names:
+                raise ValueError(f"{scaled} holds other faces than {data}")
+            scaled_t = torch.stack([(torch.from_numpy(v).float() - sh) / sc
+                                    for v in by_scale.values()]).to(dev)
         if lat.shape[-1] != resolution:
             raise ValueError(f"latents are {lat.shape[-1]} px, not --resolution {resolution}")
     else:
@@ -369,6 +394,8 @@ def train_prior(
         n_train=len(train_idx),
         n_heldout=len(held_idx),
         inpaint=inpaint,
+        small_faces=small_faces,
+        scaled=_data_label(scaled) if small_faces > 0 and scaled is not None else "",
     )
     if cfg.ckpt_mode == "full" and 16 * n_params > CKPT_BYTES:
         warnings.warn(
@@ -456,6 +483,11 @@ def train_prior(
         flips = torch.from_numpy(flip_mask(batch_size, seed, step)).to(dev)
         if latent:
             x0 = torch.where(flips.view(-1, 1, 1, 1), lat_flip_t[idx], lat_t[idx])
+            if scaled_t is not None:  # small faces are not mirrored: no mirrored cache
+                small, which = small_face_draw(batch_size, seed, step, small_faces,
+                                               scaled_t.shape[0])
+                sel = torch.from_numpy(small).to(dev).view(-1, 1, 1, 1)
+                x0 = torch.where(sel, scaled_t[torch.from_numpy(which).to(dev), idx], x0)
         else:
             x0 = faces_t[idx].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
             x0 = torch.where(flips.view(-1, 1, 1, 1), x0.flip(-1), x0)
@@ -498,6 +530,8 @@ def train_prior(
                 "steps_per_s": round(n_sum / max(now - t_log, 1e-9), 4),
                 "elapsed_s": round(now - t_loop, 1),
             }
+            if small_faces > 0:
+                rec["small_faces"] = small_faces
             history.append(rec)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -655,6 +689,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--inpaint", action="store_true",
                     help="background-conditioned prior (vidanon.prior.inpaint)")
+    ap.add_argument("--scaled", default=None,
+                    help="cache of small video faces (python -m vidanon.prior.latents --scales)")
+    ap.add_argument("--small-faces", type=float, default=0.0,
+                    help="share of each batch drawn from --scaled")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start from this unconditional checkpoint's EMA weights (widened)")
     a = ap.parse_args(argv)
@@ -672,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         time_limit_s=a.time_limit_s, compile=a.compile, quiet=a.quiet,
         checkpoint_every_s=a.checkpoint_every_s, warmup_steps=a.warmup_steps,
         ckpt_mode=a.ckpt_mode, log_every=a.log_every, inpaint=a.inpaint,
-        init_from=a.init_from,
+        init_from=a.init_from, scaled=a.scaled, small_faces=a.small_faces,
     )
 
 
