@@ -18,7 +18,8 @@ from benchmarks._common import RESULTS, ROOT, cpu_model, git_commit
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTIONS = [*(f"leak_mask_{m}{g}" for m in ("face", "keep-eyes", "keep-mouth")
               for g in ("", "_noguard")),
-            "guard_cost", "masks", "scale", "quality", "inpaint", "noise_scale", "mean_keeping",
+            "guard_cost", "masks", "scale", "quality", "inpaint", "small_faces", "noise_scale",
+            "mean_keeping",
             "anchor", "prior",
             "masked_sampling",
             "recovery",

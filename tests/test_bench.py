@@ -6,6 +6,7 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks._identity import threshold_at_far
+from benchmarks.small_faces import detail
 from benchmarks.temporal import ssim_map
 
 
@@ -26,6 +27,16 @@ def test_ssim_is_one_for_identical_frames_and_drops_with_noise():
     assert np.allclose(ssim_map(a, a), 1.0)
     noisy = np.clip(ramp + rng.normal(0, 25, a.shape), 0, 255).astype(np.uint8)
     assert ssim_map(a, noisy).mean() < 0.5
+
+
+def test_detail_is_what_a_small_frame_cannot_hold():
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)  # pixel noise: all detail
+    flat = np.full_like(sharp, 120)
+    m = np.ones((2, 64, 64), bool)
+    assert detail(flat, m, 0.3) < 1.0
+    assert detail(sharp, m, 0.3) > 40
+    assert detail(sharp, m, 0.3) > detail(sharp, m, 0.7) > detail(sharp, m, 1.0)
 
 
 def test_headline_reads_quality_results(tmp_path, monkeypatch):
