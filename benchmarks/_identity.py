@@ -149,6 +149,7 @@ def thresholds(n: int = 1000, dup: float = 0.9) -> dict[str, dict]:
     for name, e in embs.items():
         sims = (e @ e.T)[iu][keep]
         out[name] = {"threshold": round(float(np.quantile(sims, 0.999)), 4),
+                     "impostor_mean": round(float(sims.mean()), 4),
                      "impostor_pairs": int(keep.sum()),
                      "source": f"{len(x)} adult UTKFace faces at 128 px"}
     return out
@@ -158,7 +159,9 @@ def cached_thresholds() -> dict[str, dict]:
     """``thresholds()`` once per machine (about 2 CPU-minutes), kept in runs/."""
     f = ROOT / "runs" / "thresholds.json"
     if f.exists():
-        return json.loads(f.read_text())
+        cached = json.loads(f.read_text())
+        if all("impostor_mean" in v for v in cached.values()):
+            return cached
     thr = thresholds()
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(thr, indent=1))

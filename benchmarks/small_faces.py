@@ -68,7 +68,7 @@ def evaluate(model, x_u8: np.ndarray, masks: torch.Tensor, keys, scale: float, m
         "recovered_tar": round(float((np.sum(mf.embed(rec) * e0, 1) >= thr).mean()), 4),
         "recovered_cos": round(float(np.sum(mf.embed(rec) * e0, 1).mean()), 4),
     }
-    return row, [orig, np.stack(anon_u8), to_uint8_rgb(rec)]
+    return row, [orig, np.stack(anon_u8), np.stack(from_tensor_batch(rec))]  # BGR
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         tiles.append(np.concatenate([np.concatenate(list(c[:6]), 0) for c in cols], 1))
     grid = np.concatenate(tiles, 1)
     cv2.imwrite(str(PNG), cv2.resize(grid, None, fx=0.75, fy=0.75,
-                                     interpolation=cv2.INTER_AREA)[..., ::-1])
+                                     interpolation=cv2.INTER_AREA))
     res = {"machine": machine(), "faces": a.n, "steps": a.steps, "threshold": thr, "rows": rows}
     md = "\n".join([
         "## Small video faces", "",

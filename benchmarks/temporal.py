@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from benchmarks._common import VIDEOS, machine
+from benchmarks._identity import cached_thresholds, identity_models
 from vidanon import sidecar
 from vidanon.align import warp_crop
 from vidanon.config import load_settings
@@ -56,6 +57,18 @@ def mean_pairwise(e: np.ndarray) -> float:
 
 def consistency(emb: FaceEmbedder, crops: list[np.ndarray], pts: np.ndarray) -> float:
     return mean_pairwise(np.stack([emb(c, pts) for c in crops[:: max(1, len(crops) // 12)]]))
+
+
+def dlib_consistency(dl, spec, orig: list[np.ndarray], anon: list[np.ndarray],
+                     ) -> tuple[float, float]:
+    """The same pairwise consistency with the second recogniser (dlib ResNet), landmarks
+    from each original crop for both (``benchmarks.anchor``'s way); frames as MobileFaceNet's."""
+    from vidanon.align import to_tensor_batch
+
+    step = max(1, len(orig) // 12)
+    o, a = to_tensor_batch(orig[::step]), to_tensor_batch(anon[::step])
+    shapes = dl.prepare(o)
+    return mean_pairwise(dl.embed(o, shapes)), mean_pairwise(dl.embed(a, shapes))
 
 
 def flicker(crops: list[np.ndarray]) -> float:
@@ -140,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = load_model(a.model).spec
     emb = FaceEmbedder()
     pts = template_points(spec)
+    dl = next((m for m in identity_models(spec) if m.name != "MobileFaceNet"), None)
     per_video, used = [], {}
     for video in videos:
         rows = []
@@ -156,7 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
                 orig = track_crops(video, tr, spec.crop_size)
                 anon = track_crops(res.output, tr, spec.crop_size)
                 replaced = sum(r["mode"] == "diffusion" for r in tr["frames"])
+                d = dlib_consistency(dl, spec, orig, anon) if dl is not None else (None, None)
                 rows.append({
+                    "id_consistency_dlib_original": d[0] and round(d[0], 3),
+                    "id_consistency_dlib_anonymized": d[1] and round(d[1], 3),
                     "track": tr["id"], "frames": len(tr["frames"]),
                     "id_consistency_original": round(consistency(emb, orig, pts), 3),
                     "id_consistency_anonymized": round(consistency(emb, anon, pts), 3),
@@ -168,6 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "tracks_total": len(doc["tracks"]), "tracks": rows,
                               "utility": utility(video, res.output, doc, spec)})
     result = {"machine": machine(), "model": spec.name, "config": a.config or "default",
+              "impostor_mean": {k: v["impostor_mean"] for k, v in cached_thresholds().items()},
               "overrides": a.overrides, "settings": used,
               "videos": per_video}
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,11 +202,32 @@ def markdown(r: dict, min_frames: int) -> str:
           + "".join(f", {k} {r.get('settings', {}).get(k)}" for k in ("temperature", "anchor")
                     if k in r.get("settings", {}))
           + f". Per track with ≥ {min_frames} frames: mean "
-          "identity cosine (MobileFaceNet) between the track's faces at different frames "
+          "identity cosine (MobileFaceNet, and dlib ResNet where installed) between the "
+          "track's faces at different frames "
           "(original vs anonymized: a consistent pseudo-identity keeps it high), flicker (mean "
           "absolute change between consecutive aligned crops, 0-255), and coverage (replaced / "
           "detected frames; > 1 where gap filling and padding add frames; < 1 would be a leak).",
           ""]
+    chance = r.get("impostor_mean", {})
+    ratios: dict[str, list[float]] = {"MobileFaceNet": [], "dlib ResNet": []}
+    above: dict[str, list[float]] = {"MobileFaceNet": [], "dlib ResNet": []}
+    for v in r["videos"]:
+        for t in v["tracks"]:
+            for name, key in (("MobileFaceNet", "id_consistency"),
+                              ("dlib ResNet", "id_consistency_dlib")):
+                o, a = t.get(f"{key}_original"), t.get(f"{key}_anonymized")
+                if not o:
+                    continue
+                ratios[name].append(a / o)
+                if name in chance:  # both over the cosine of two unrelated faces
+                    above[name].append((a - chance[name]) / max(o - chance[name], 1e-9))
+    md += ["Consistency of the anonymized tracks over the original's, mean over tracks "
+           "(target ≥ 0.9x): " + "; ".join(
+               f"{k} **{np.mean(v):.2f}x**, above chance {np.mean(above[k]):.2f}x "
+               f"({len(v)} tracks)" for k, v in ratios.items() if v) + ". *Above chance*: "
+           "both cosines less the mean cosine of two unrelated faces ("
+           + ", ".join(f"{k} {m}" for k, m in chance.items()) + "), which is high for dlib.",
+           ""]
     for v in r["videos"]:
         u = v["utility"]
         md += [f"### {v['video']} ({v['frames']} frames, {v['tracks_total']} tracks)", "",
@@ -197,11 +236,14 @@ def markdown(r: dict, min_frames: int) -> str:
                f"**{100 * u['detected_anonymized']:.1f} %** of {u['faces_checked']} replaced "
                f"faces (every 3rd frame) vs {100 * u['detected_original']:.1f} % in the "
                "original frames.", "",
-               "| track | frames | id consistency orig | id consistency anon | flicker orig | "
-               "flicker anon | coverage |", "|---|---|---|---|---|---|---|"]
+               "| track | frames | id consistency orig | id consistency anon | "
+               "dlib orig | dlib anon | flicker orig | "
+               "flicker anon | coverage |", "|---|---|---|---|---|---|---|---|---|"]
         for t in v["tracks"]:
             md.append(f"| {t['track']} | {t['frames']} | {t['id_consistency_original']} | "
-                      f"{t['id_consistency_anonymized']} | {t['flicker_original']} | "
+                      f"{t['id_consistency_anonymized']} | "
+                      f"{t.get('id_consistency_dlib_original')} | "
+                      f"{t.get('id_consistency_dlib_anonymized')} | {t['flicker_original']} | "
                       f"{t['flicker_anonymized']} | {t['coverage_of_detected']} |")
         md.append("")
     return "\n".join(md)
