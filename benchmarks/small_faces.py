@@ -47,9 +47,9 @@ def detail(crops: np.ndarray, masks: np.ndarray, scale: float) -> float:
 
 
 def evaluate(model, x_u8: np.ndarray, masks: torch.Tensor, keys, scale: float, mf, thr: float,
-             steps: int) -> tuple[dict, list[np.ndarray]]:
+             steps: int, tau: float = 1.0) -> tuple[dict, list[np.ndarray]]:
     spec = model.spec
-    eng = Engine(model, EngineSettings(steps=steps, refine=4, tol=0.002))
+    eng = Engine(model, EngineSettings(steps=steps, refine=4, tol=0.002, temperature=tau))
     alpha = paste_alpha(spec, 0.06, oval_mask(spec))
     orig = at_frame_scale(x_u8, scale)
     x = to_tensor_batch(list(orig))
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--scales", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--temperature", type=float, default=1.0)
     a = ap.parse_args(argv)
     set_threads(1)
     models = [load_model(name) for name in a.model]
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     for s in a.scales:
         cols: list[np.ndarray] = []
         for name, model in zip(a.model, models, strict=True):
-            row, (orig, anon, rec) = evaluate(model, x_u8, masks, keys, s, mf, thr, a.steps)
+            row, (orig, anon, rec) = evaluate(model, x_u8, masks, keys, s, mf, thr, a.steps,
+                                               a.temperature)
             row["name"] = name
             rows.append(row)
             print(row, flush=True)
@@ -98,11 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
     grid = np.concatenate(tiles, 1)
     cv2.imwrite(str(PNG), cv2.resize(grid, None, fx=0.75, fy=0.75,
                                      interpolation=cv2.INTER_AREA))
-    res = {"machine": machine(), "faces": a.n, "steps": a.steps, "threshold": thr, "rows": rows}
+    res = {"machine": machine(), "faces": a.n, "steps": a.steps, "temperature": a.temperature,
+           "threshold": thr, "rows": rows}
     md = "\n".join([
         "## Small video faces", "",
         f"`python -m benchmarks.small_faces` ({a.n} held-out faces as a frame holds them at "
-        f"each scale, {a.steps} DDIM steps, oval mask, MobileFaceNet FAR 0.1 % threshold "
+        f"each scale, {a.steps} DDIM steps, temperature {a.temperature}, oval mask, "
+        f"MobileFaceNet FAR 0.1 % threshold "
         f"{thr} on sharp faces). *Detail*: what the frame cannot hold, mean |crop - crop at "
         "the frame's scale| inside the mask (0-255). *Recovered*: TAR with the right key "
         "after the anonymized crop went through the frame. Picture: `docs/small_faces.png` "
