@@ -41,18 +41,24 @@ from vidanon.diffusion.engine import Engine, EngineSettings, Inversions
 from vidanon.diffusion.models import load_model
 
 
-def through_frame(orig: np.ndarray, anon: np.ndarray, alpha: np.ndarray, scale: float,
-                  ) -> np.ndarray:
-    """Paste ``anon`` (a crop) into a frame where the face is ``scale`` times the crop's size
-    (the original, resized, is the frame), then crop it back as recovery does."""
+def frame_of(orig: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """A frame where the face is ``scale`` times the crop's size (the original, resized, with
+    a 4-px border) and its frame -> crop matrix."""
     size = orig.shape[0]
     side = max(8, int(round(size * scale)))
     frame = cv2.resize(orig, (side, side), interpolation=cv2.INTER_AREA)
     frame = cv2.copyMakeBorder(frame, 4, 4, 4, 4, cv2.BORDER_REPLICATE)
     s = side / size
-    m = np.array([[1 / s, 0, -4 / s], [0, 1 / s, -4 / s]])  # frame -> crop
+    return frame, np.array([[1 / s, 0, -4 / s], [0, 1 / s, -4 / s]])
+
+
+def through_frame(orig: np.ndarray, anon: np.ndarray, alpha: np.ndarray, scale: float,
+                  ) -> np.ndarray:
+    """Paste ``anon`` (a crop) into a frame where the face is ``scale`` times the crop's size
+    (the original, resized, is the frame), then crop it back as recovery does."""
+    frame, m = frame_of(orig, scale)
     paste(frame, anon, m, alpha)
-    return warp_crop(frame, m, size)
+    return warp_crop(frame, m, orig.shape[0])
 
 
 def inverted_rms(eng: Engine, x: torch.Tensor, masks: torch.Tensor) -> float:

@@ -23,6 +23,8 @@ model) and ``benchmarks/results/small_faces.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import itertools
+import time
 
 import cv2
 import numpy as np
@@ -30,10 +32,11 @@ import torch
 
 from benchmarks._common import ROOT, machine, md_table, set_threads, write_results
 from benchmarks._identity import MobileFaceNetId, cached_thresholds, face_rate, to_uint8_rgb
-from benchmarks.noise_scale import through_frame
+from benchmarks.noise_scale import frame_of, through_frame
 from benchmarks.quality import heldout_set
 from vidanon.align import from_tensor_batch, oval_mask, paste_alpha, to_tensor_batch
 from vidanon.diffusion.engine import Engine, EngineSettings
+from vidanon.diffusion.framefit import FrameGeometry
 from vidanon.diffusion.models import load_model
 from vidanon.prior.latents import at_frame_scale
 
@@ -47,13 +50,17 @@ def detail(crops: np.ndarray, masks: np.ndarray, scale: float) -> float:
 
 
 def evaluate(model, x_u8: np.ndarray, masks: torch.Tensor, keys, scale: float, mf, thr: float,
-             steps: int, tau: float = 1.0) -> tuple[dict, list[np.ndarray]]:
+             steps: int, tau: float = 1.0, fit: int = 0) -> tuple[dict, list[np.ndarray]]:
     spec = model.spec
-    eng = Engine(model, EngineSettings(steps=steps, refine=4, tol=0.002, temperature=tau))
+    eng = Engine(model, EngineSettings(steps=steps, refine=4, tol=0.002, temperature=tau,
+                                       frame_fit=fit))
     alpha = paste_alpha(spec, 0.06, oval_mask(spec))
     orig = at_frame_scale(x_u8, scale)
     x = to_tensor_batch(list(orig))
-    anon = eng.anonymize(x, masks, keys)
+    geoms = [FrameGeometry.of(*frame_of(o, scale), alpha) for o in x_u8] if fit else None
+    t0 = time.process_time()
+    anon = eng.anonymize(x, masks, keys, geoms)
+    cpu = (time.process_time() - t0) / len(x)
     anon_u8 = from_tensor_batch(anon)
     back = to_tensor_batch([through_frame(o, a, alpha, scale) for o, a in zip(x_u8, anon_u8)])
     rec = eng.recover(back, masks, keys)
@@ -61,6 +68,7 @@ def evaluate(model, x_u8: np.ndarray, masks: torch.Tensor, keys, scale: float, m
     m = masks[:, 0].numpy() > 0.5
     row = {
         "model": spec.name, "weights_sha256": spec.weights_sha256[:12], "scale": scale,
+        "frame_fit": fit, "cpu_s_per_crop": round(cpu, 2),
         "detail_original": round(detail(orig, m, scale), 2),
         "detail_anonymized": round(detail(np.stack(anon_u8), m, scale), 2),
         "face_found": round(face_rate(to_uint8_rgb(anon)), 4),
@@ -78,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--scales", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--frame-fit", type=int, nargs="+", default=[0],
+                    help="Adam steps fitting crops to their frame (0: none); one row each")
     a = ap.parse_args(argv)
     set_threads(1)
     models = [load_model(name) for name in a.model]
@@ -89,9 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows, tiles = [], []
     for s in a.scales:
         cols: list[np.ndarray] = []
-        for name, model in zip(a.model, models, strict=True):
+        for (name, model), fit in itertools.product(zip(a.model, models, strict=True),
+                                                    a.frame_fit):
             row, (orig, anon, rec) = evaluate(model, x_u8, masks, keys, s, mf, thr, a.steps,
-                                               a.temperature)
+                                               a.temperature, fit)
             row["name"] = name
             rows.append(row)
             print(row, flush=True)
@@ -109,11 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"MobileFaceNet FAR 0.1 % threshold "
         f"{thr} on sharp faces). *Detail*: what the frame cannot hold, mean |crop - crop at "
         "the frame's scale| inside the mask (0-255). *Recovered*: TAR with the right key "
-        "after the anonymized crop went through the frame. Picture: `docs/small_faces.png` "
+        "after the anonymized crop went through the frame. *Frame fit*: Adam steps fitting "
+        "the crop to its frame (`vidanon/diffusion/framefit.py`). Picture: `docs/small_faces.png` "
         "(per scale: original | anonymized | recovered, for each model).", "",
-        md_table(["model", "scale", "detail: original", "detail: anonymized", "face found",
+        md_table(["model", "scale", "frame fit", "CPU s/crop", "detail: original",
+                  "detail: anonymized", "face found",
                   "anonymized matched", "recovered", "recovered cos"],
-                 [[f"{r['name']} {r['weights_sha256']}", r["scale"], r["detail_original"],
+                 [[f"{r['name']} {r['weights_sha256']}", r["scale"], r["frame_fit"],
+                   r["cpu_s_per_crop"], r["detail_original"],
                    r["detail_anonymized"], f"{100 * r['face_found']:.1f} %",
                    f"{100 * r['anonymized_matched']:.1f} %",
                    f"{100 * r['recovered_tar']:.1f} %", r["recovered_cos"]] for r in rows]),

@@ -57,6 +57,7 @@ class DiffusionSettings(_Section):
     temperature: float | None = Field(default=None, gt=0, le=1)
     anchor: float | None = Field(default=None, ge=0, lt=1)
     keep_mean: float | None = Field(default=None, ge=0, le=1)
+    frame_fit: int = Field(default=0, ge=0, le=1000)
     batch_size: int = Field(ge=1, le=4096)
 
 

@@ -56,7 +56,8 @@ def engine_settings(model: FaceModel, settings: dict) -> EngineSettings:
     return EngineSettings(steps=int(d["steps"]), refine=int(d["refine"]),
                           tol=float(d.get("tol", 0.0)), strength=float(d["strength"]),
                           temperature=float(d["temperature"]), anchor=float(d["anchor"]),
-                          keep_mean=float(d["keep_mean"]), batch_size=int(d["batch_size"]))
+                          keep_mean=float(d["keep_mean"]), batch_size=int(d["batch_size"]),
+                          frame_fit=int(d.get("frame_fit", 0)))
 
 
 # Settings a model recommends when the preset leaves them null, and what applies when
@@ -109,7 +110,8 @@ def _frame_renderer(model: FaceModel, settings: dict, keys: dict[int, Key], what
     if masks is None:  # no traced regions: the model's fixed oval
         masks = FaceMasks(model.spec, "oval", float(settings["faces"]["feather"]))
     return FrameRenderer(model.spec, masks, transform, keys, engine.settings.batch_size,
-                         observer=observer, grow=grow, ready=ready, keep=keep, hold=hold)
+                         observer=observer, grow=grow, ready=ready, keep=keep, hold=hold,
+                         fit=what == "anonymize" and engine.settings.frame_fit > 0)
 
 
 def render_video(src: Path, output: Path, info, model: FaceModel, settings: dict,

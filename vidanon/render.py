@@ -23,6 +23,7 @@ from vidanon.align import (
     to_tensor_batch,
     warp_crop,
 )
+from vidanon.diffusion.framefit import FrameGeometry
 from vidanon.diffusion.models import ModelSpec
 from vidanon.keys import Key
 from vidanon.masks import FaceMasks
@@ -69,7 +70,7 @@ class FrameRenderer:
                  observer: Observer | None = None,
                  grow: dict[int, float] | None = None, ready: Crops | None = None,
                  keep: Crops | None = None,
-                 hold: Callable[[int], bool] | None = None) -> None:
+                 hold: Callable[[int], bool] | None = None, fit: bool = False) -> None:
         self.spec = spec
         self.masks = masks
         self.transform = transform
@@ -81,6 +82,7 @@ class FrameRenderer:
         self.ready = ready or {}
         self.keep = keep
         self.hold = hold
+        self.fit = fit  # hand the transform each crop's place in its frame (framefit.py)
 
     def _flush(self, window: list[tuple[Frame, list[FaceJob], np.ndarray]]) -> Iterator[Frame]:
         crops, where, regions = [], [], []
@@ -108,7 +110,13 @@ class FrameRenderer:
             if todo:
                 x = to_tensor_batch([crops[i] for i in todo])
                 m = torch.from_numpy(np.stack([regions[i][0] for i in todo]))[:, None]
-                out = self.transform(x, m, [self.keys[where[i][1].track_id] for i in todo])
+                keys = [self.keys[where[i][1].track_id] for i in todo]
+                if self.fit:
+                    geoms = [FrameGeometry.of(window[where[i][0]][0].image, where[i][1].matrix,
+                                              regions[i][1]) for i in todo]
+                    out = self.transform(x, m, keys, geoms=geoms)
+                else:
+                    out = self.transform(x, m, keys)
                 for i, c in zip(todo, from_tensor_batch(out)):
                     y[i] = c
             if self.keep is not None:

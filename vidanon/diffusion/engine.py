@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from vidanon.diffusion.ddim import DDIM
+from vidanon.diffusion.framefit import FrameGeometry, ThroughFrame, fit_to_frame
 from vidanon.diffusion.keyed import mean_keeping_flip
 from vidanon.diffusion.models import FaceModel
 from vidanon.keys import Key, anchor_noise, flip_signs
@@ -58,6 +59,7 @@ class EngineSettings:
     temperature: float = 1.0  # overall scale of the face noise after anonymization (tau)
     anchor: float = 0.0  # share of its variance from the track's key-derived noise (w)
     keep_mean: float = 0.0  # 0: the reference ±1 flip; in (0, 1]: mean-keeping flip (keyed.py)
+    frame_fit: int = 0  # Adam steps fitting anonymized crops to their frames (framefit.py)
     tol: float = 0.0  # stop refining a level once every crop's RMS residual is below this
     batch_size: int = 32
     fill_sigma: float = 0.12  # background fill blur, as a fraction of the crop side
@@ -201,9 +203,11 @@ class Engine:
 
     # -- public API -------------------------------------------------------------------------
 
-    def anonymize(self, crops: torch.Tensor, masks: torch.Tensor, keys: Sequence[Key]):
-        """Crops (N,3,S,S) in [-1,1], masks (N,1,S,S) in {0,1}, one key per crop."""
-        return self._batched(crops, masks, keys, forward=True)
+    def anonymize(self, crops: torch.Tensor, masks: torch.Tensor, keys: Sequence[Key],
+                  geoms: Sequence[FrameGeometry | None] | None = None):
+        """Crops (N,3,S,S) in [-1,1], masks (N,1,S,S) in {0,1}, one key per crop. ``geoms``:
+        where each crop will be pasted, for ``settings.frame_fit`` (None: not fitted)."""
+        return self._batched(crops, masks, keys, forward=True, geoms=geoms)
 
     def recover(self, crops: torch.Tensor, masks: torch.Tensor, keys: Sequence[Key]):
         """The inverse: the anchor taken away, the same ±1 flip, the scale divided out."""
@@ -248,14 +252,15 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _batched(self, crops, masks, keys, forward: bool):
+    def _batched(self, crops, masks, keys, forward: bool, geoms=None):
         if keys is not None and len(keys) != len(crops):
             raise ValueError("one key per crop is required")
         out = []
         bs = self.settings.batch_size
         for i in range(0, len(crops), bs):
             k = None if keys is None else keys[i : i + bs]
-            out.append(self._transform(crops[i : i + bs], masks[i : i + bs], k, forward))
+            g = None if geoms is None else geoms[i : i + bs]
+            out.append(self._transform(crops[i : i + bs], masks[i : i + bs], k, forward, g))
         if not out:
             return crops.clone()
         return torch.cat(out)
@@ -379,7 +384,7 @@ class Engine:
         return zT, bg, self.latent_mask(masks)
 
     @torch.no_grad()
-    def _transform(self, x, masks, keys, forward: bool):
+    def _transform(self, x, masks, keys, forward: bool, geoms=None):
         model = self.model
         dev = model.device
         x = x.to(dev, torch.float32)
@@ -391,7 +396,23 @@ class Engine:
         z = self.sample(zT, m, bg)
         if model.vae is None:
             return z.clamp(-1, 1).cpu()
-        return model.decode(z).float().clamp(-1, 1).cpu()
+        out = model.decode(z).float().clamp(-1, 1)
+        if geoms is not None and self.settings.frame_fit > 0:
+            out = self._fit(out, z, m, geoms)
+        return out.cpu()
+
+    def _fit(self, out: torch.Tensor, z: torch.Tensor, m: torch.Tensor,
+             geoms: Sequence[FrameGeometry | None]) -> torch.Tensor:
+        """``framefit``: the crops with a place in a frame, fitted so that recovery, reading
+        them back from that frame, encodes the latent ``z`` they were decoded from."""
+        idx = [i for i, g in enumerate(geoms) if g is not None]
+        if not idx:
+            return out
+        through = ThroughFrame([geoms[i] for i in idx], self.model.spec.crop_size)
+        out = out.clone()
+        out[idx] = fit_to_frame(self.model.encode_differentiable, out[idx], z[idx], m[idx],
+                                through, self.settings.frame_fit)
+        return out
 
 
 def psnr(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, peak: float = 2.0,

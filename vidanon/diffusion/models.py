@@ -99,6 +99,10 @@ class FaceModel(torch.nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] to the space the UNet denoises (identity for pixel models)."""
+        return self.encode_differentiable(x)
+
+    def encode_differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """``encode`` with gradients (``vidanon.diffusion.framefit`` descends through it)."""
         if self.vae is None:
             return x
         if isinstance(self.vae, TinyAutoencoder):
