@@ -93,12 +93,20 @@ class ThroughFrame:
         self.alpha = torch.stack(alphas)
 
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+        crops = _to_8bit(crops)  # the renderer hands paste 8-bit crops
         patch = F.grid_sample(crops, self.down.to(crops.device), mode="bicubic",
                               padding_mode="border", align_corners=True)
         a = self.alpha.to(crops.device)
-        frame = self.roi.to(crops.device) * (1 - a) + patch * a
+        frame = _to_8bit(self.roi.to(crops.device) * (1 - a) + patch * a)  # an 8-bit frame
         return F.grid_sample(frame, self.up.to(crops.device), mode="bicubic",
                              padding_mode="border", align_corners=True)
+
+
+def _to_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Round [-1, 1] pixels to 8-bit levels, passing gradients straight through: without it
+    the fit spends itself on detail finer than a level, which the frame does not keep."""
+    q = torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+    return x + (q - x).detach()
 
 
 def _invert(m: np.ndarray) -> np.ndarray:
