@@ -100,12 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
             }
     result = {"clip": f"samples/crowd.mp4, first {a.frames} frames", "model": spec.name,
               "settings": {k: doc["settings"]["diffusion"].get(k)  # as resolved for the run
-                           for k in ("steps", "refine", "tol", "temperature", "anchor")},
+                           for k in ("steps", "refine", "tol", "temperature", "anchor",
+                                     "frame_fit")},
               "threshold": thr,
               "results": rows}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
-    md = ["## Recovery through the codec", "",
+    fit = result["settings"].get("frame_fit") or 0
+    md = ["## Recovery through the codec" + (f", frame fit {fit}" if fit else ""), "",
           f"`python -m benchmarks.recovery`: {result['clip']}, model `{spec.name}`, "
           f"default preset ({result['settings']}). PSNR over the recovered track's face oval, "
           "against the original frames; identity = MobileFaceNet cosine of the recovered "

@@ -22,7 +22,7 @@ SECTIONS = [*(f"leak_mask_{m}{g}" for m in ("face", "keep-eyes", "keep-mouth")
             "mean_keeping",
             "anchor", "prior",
             "masked_sampling",
-            "recovery",
+            "recovery", "recovery_frame_fit",
             "temporal",
             "steps", "detect", "speed", "concurrent_runs"]
 
