@@ -13,7 +13,7 @@ from vidanon.align import (
     to_tensor_batch,
     warp_crop,
 )
-from vidanon.diffusion.framefit import FrameGeometry, ThroughFrame, fit_to_frame
+from vidanon.diffusion.framefit import FrameGeometry, ThroughFrame, fit_to_frame, shrinks
 from vidanon.diffusion.models import ModelSpec
 from vidanon.prior.autoencoder import load_taef2
 
@@ -69,6 +69,7 @@ def test_through_frame_matches_paste_and_warp_crop():
     off = from_tensor_batch(ThroughFrame([wrong], SIZE)(to_tensor_batch([crops])))[0]
     want = _real_path(scenes[1][0], crops, scenes[1][1], alpha).astype(np.float64)
     assert np.abs(off.astype(np.float64) - want).mean() > 5.0
+    assert shrinks(scenes[0][1]) and not shrinks(_scene(0, 1.5, 0.2)[1])  # face 0.35 vs 1.5x
     assert FrameGeometry.of(scenes[0][0], scenes[0][1] + [[0, 0, 900], [0, 0, 900]],
                             alpha) is None  # off the frame: nothing to fit
 

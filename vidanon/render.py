@@ -23,7 +23,7 @@ from vidanon.align import (
     to_tensor_batch,
     warp_crop,
 )
-from vidanon.diffusion.framefit import FrameGeometry
+from vidanon.diffusion.framefit import FrameGeometry, shrinks
 from vidanon.diffusion.models import ModelSpec
 from vidanon.keys import Key
 from vidanon.masks import FaceMasks
@@ -113,7 +113,8 @@ class FrameRenderer:
                 keys = [self.keys[where[i][1].track_id] for i in todo]
                 if self.fit:
                     geoms = [FrameGeometry.of(window[where[i][0]][0].image, where[i][1].matrix,
-                                              regions[i][1]) for i in todo]
+                                              regions[i][1])
+                             if shrinks(where[i][1].matrix) else None for i in todo]
                     out = self.transform(x, m, keys, geoms=geoms)
                 else:
                     out = self.transform(x, m, keys)

@@ -51,6 +51,12 @@ class FrameGeometry:
                    frame[y0:y1, x0:x1].copy(), np.asarray(a, np.float32))
 
 
+def shrinks(matrix: np.ndarray) -> bool:
+    """Whether the paste shrinks the crop (the face is smaller in the frame than the crop):
+    only then does the frame lose detail the fit could make up for."""
+    return abs(float(np.linalg.det(np.asarray(matrix, np.float64)[:, :2]))) > 1.0
+
+
 def _grid(pts: np.ndarray, w: int, h: int) -> torch.Tensor:
     """Pixel coordinates (..., 2) -> grid_sample's normalised coordinates (align_corners)."""
     g = np.empty_like(pts)
