@@ -114,3 +114,15 @@ def sample_video() -> Path:
     """The shipped 2-second multi-face clip (60 frames, 640x360, AAC audio)."""
     assert SAMPLE_VIDEO.is_file(), "samples/crowd.mp4 is missing (see samples/README.md)"
     return SAMPLE_VIDEO
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models of the model tests run fastest on one thread, and the CPU is often
+    shared: with several threads a busy machine makes them 30x slower (OpenMP spin-waits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,12 +23,7 @@ SPEC = ModelSpec("t", "latent", SIZE, (32, 16, 16), [[0.3, 0.3], [0.7, 0.3], [0.
                  [0.5, 0.52, 0.39, 0.45])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scene(seed: int, scale: float, angle: float):

@@ -30,12 +30,7 @@ def synth(tmp_path_factory):
     return _synthetic_npz(tmp_path_factory.mktemp("faces") / "synth.npz")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -63,14 +63,7 @@ def _synthetic_npz(path: Path, n: int = 64, size: int = 32) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models here run fastest on one thread, and the CPU is often shared: with
-    several threads a busy machine makes these tests 30x slower (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
