@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -79,13 +80,8 @@ class ThroughFrame:
             x0, y0, x1, y1 = g.box
             u, v = np.meshgrid(np.arange(self.w, dtype=np.float64) + x0,
                                np.arange(self.h, dtype=np.float64) + y0, indexing="xy")
-            m = g.matrix
-            q = np.stack([m[0, 0] * u + m[0, 1] * v + m[0, 2],
-                          m[1, 0] * u + m[1, 1] * v + m[1, 2]], -1)
-            down.append(_grid(q, size, size))
-            inv = np.asarray(_invert(m))
-            p = np.stack([inv[0, 0] * ii + inv[0, 1] * jj + inv[0, 2] - x0,
-                          inv[1, 0] * ii + inv[1, 1] * jj + inv[1, 2] - y0], -1)
+            down.append(_grid(_apply(g.matrix, u, v), size, size))  # frame px -> crop px
+            p = _apply(cv2.invertAffineTransform(g.matrix), ii, jj) - [x0, y0]  # crop -> box
             up.append(_grid(p, self.w, self.h))
             roi = np.zeros((self.h, self.w, 3), np.float32)
             roi[: y1 - y0, : x1 - x0] = g.roi[..., ::-1] / 127.5 - 1  # BGR -> RGB, [-1, 1]
@@ -115,9 +111,10 @@ def _to_8bit(x: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-def _invert(m: np.ndarray) -> np.ndarray:
-    a = np.vstack([m, [0.0, 0.0, 1.0]])
-    return np.linalg.inv(a)[:2]
+def _apply(m: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The 2x3 affine ``m`` at points (x, y): (..., 2)."""
+    return np.stack([m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2]],
+                    -1)
 
 
 def fit_to_frame(encode, crops: torch.Tensor, target: torch.Tensor, latent_mask: torch.Tensor,

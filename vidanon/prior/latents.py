@@ -34,19 +34,29 @@ def encode_cache(data: str | Path, out: Path, resolution: int = 128,
     """Encode the faces of ``data`` (npz or folder) and their mirror images to ``out``."""
     faces, names = load_dataset(data, resolution)
     ae = ae or load_taef2()
-    lat = []
+    return _save(out, latents=_encode(ae, faces, batch, quiet, "encode"),
+                 latents_flip=_encode(ae, faces, batch, quiet, "encode", mirror=True),
+                 names=np.array(names))
+
+
+def _encode(ae: TinyAutoencoder, faces: np.ndarray, batch: int, quiet: bool, desc: str,
+            mirror: bool = False) -> np.ndarray:
+    """Raw float16 latents of uint8 RGB faces (N, S, S, 3), ``batch`` at a time."""
+    part = []
     with torch.no_grad():
-        for flip in (False, True):
-            part = []
-            for i in tqdm(range(0, len(faces), batch), disable=quiet, desc="encode"):
-                x = torch.from_numpy(faces[i:i + batch].copy()).permute(0, 3, 1, 2)
-                x = x.float() / 127.5 - 1
-                part.append(ae.encode_raw(x.flip(-1) if flip else x).half().numpy())
-            lat.append(np.concatenate(part))
+        for i in tqdm(range(0, len(faces), batch), disable=quiet, desc=desc):
+            x = torch.from_numpy(faces[i:i + batch].copy()).permute(0, 3, 1, 2)
+            x = x.float() / 127.5 - 1
+            part.append(ae.encode_raw(x.flip(-1) if mirror else x).half().numpy())
+    return np.concatenate(part)
+
+
+def _save(out: Path, **arrays: np.ndarray) -> Path:
+    """Write the npz under a temporary name first: a killed run leaves no half cache."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial.npz")
-    np.savez(tmp, latents=lat[0], latents_flip=lat[1], names=np.array(names))
+    np.savez(tmp, **arrays)
     tmp.replace(out)
     return out
 
@@ -77,21 +87,9 @@ def encode_scaled_cache(data: str | Path, out: Path, scales: list[float],
     """
     faces, names = load_dataset(data, resolution)
     ae = ae or load_taef2()
-    arrays = {}
-    with torch.no_grad():
-        for s in scales:
-            small = at_frame_scale(faces, s)
-            part = []
-            for i in tqdm(range(0, len(faces), batch), disable=quiet, desc=f"encode @{s}"):
-                x = torch.from_numpy(small[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                part.append(ae.encode_raw(x).half().numpy())
-            arrays[scale_key(s)] = np.concatenate(part)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial.npz")
-    np.savez(tmp, names=np.array(names), scales=np.array(scales, np.float32), **arrays)
-    tmp.replace(out)
-    return out
+    arrays = {scale_key(s): _encode(ae, at_frame_scale(faces, s), batch, quiet, f"encode @{s}")
+              for s in scales}
+    return _save(out, names=np.array(names), scales=np.array(scales, np.float32), **arrays)
 
 
 def scale_key(scale: float) -> str:
